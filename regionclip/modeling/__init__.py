@@ -1,0 +1,1 @@
+"""Detection models: CLIP trunk and text tower, offline RPN, region head, predictor, detectors."""

@@ -1,0 +1,24 @@
+"""The one import site of torchvision's compiled detection ops.
+
+torchvision's C++ ops only load when torchvision was built against the installed torch. A
+mismatched pair (for example a CPU-only torch wheel next to the registry's torchvision) fails
+deep inside the first call with an obscure "operator does not exist" error, so we check once
+at import time and say what to do.
+"""
+import torch
+
+try:
+    import torchvision
+    from torchvision.ops import batched_nms, box_iou, nms, roi_align
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    nms(torch.zeros(1, 4), torch.zeros(1), 0.5)  # forces the compiled op to load
+except (ImportError, RuntimeError) as e:  # pragma: no cover - depends on the install
+    raise ImportError(
+        f"torchvision's compiled ops failed to load ({e}). torch {torch.__version__} and the "
+        "installed torchvision do not match. Reinstall both together from the package "
+        "registry: `pip install --force-reinstall torch torchvision` (do not pin torch to a "
+        "local wheel)."
+    ) from e
+
+__all__ = ["FrozenBatchNorm2d", "batched_nms", "box_iou", "nms", "roi_align", "torchvision"]
