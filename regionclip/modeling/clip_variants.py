@@ -56,7 +56,7 @@ VARIANTS = {
 }
 
 # The original's `MODEL.RESNETS.DEPTH` values (200 was its flag for RN50x4).
-_LEGACY_DEPTHS = {50: "RN50", 101: "RN101", 200: "RN50x4"}
+LEGACY_DEPTHS = {50: "RN50", 101: "RN101", 200: "RN50x4"}
 
 
 def get_variant(name: str) -> CLIPVariant:
@@ -66,10 +66,10 @@ def get_variant(name: str) -> CLIPVariant:
 
 
 def variant_from_depth(depth: int) -> CLIPVariant:
-    if depth not in _LEGACY_DEPTHS:
+    if depth not in LEGACY_DEPTHS:
         raise ValueError(
             f"MODEL.RESNETS.DEPTH {depth} does not name a CLIP ResNet; valid values: "
-            f"{sorted(_LEGACY_DEPTHS)} (200 = RN50x4), or set MODEL.CLIP.VARIANT to one of "
+            f"{sorted(LEGACY_DEPTHS)} (200 = RN50x4), or set MODEL.CLIP.VARIANT to one of "
             f"{sorted(VARIANTS)}"
         )
-    return VARIANTS[_LEGACY_DEPTHS[depth]]
+    return VARIANTS[LEGACY_DEPTHS[depth]]
