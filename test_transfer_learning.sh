@@ -1,0 +1,1 @@
+scripts/test_transfer_learning.sh

@@ -1,0 +1,1 @@
+scripts/train_transfer_learning.sh

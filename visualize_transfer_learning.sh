@@ -1,0 +1,1 @@
+scripts/visualize_transfer_learning.sh

@@ -1,0 +1,1 @@
+scripts/visualize_zeroshot_inference.sh
