@@ -1,0 +1,206 @@
+"""Read COCO- and LVIS-format json, and image folders, into detectron2-style record dicts.
+
+A record is ``{"file_name", "height", "width", "image_id", "annotations": [...]}`` where each
+annotation is ``{"bbox" (XYWH, pixels), "bbox_mode": BoxMode.XYWH_ABS, "category_id"
+(contiguous, 0-based), "iscrowd", "segmentation"?}``. Contiguous ids follow the dataset's
+category ids in increasing order, which is the order of the released concept-embedding files.
+"""
+
+import contextlib
+import io
+import json
+import logging
+import os
+from collections import Counter
+
+from pycocotools.coco import COCO
+
+from regionclip.data.image_io import IMAGE_EXTENSIONS, read_image_size
+from regionclip.structures import BoxMode
+
+logger = logging.getLogger(__name__)
+
+LVIS_RARE = "r"
+# A valid polygon has at least three (x, y) points.
+_MIN_POLYGON_COORDS = 6
+
+
+def read_categories(json_file):
+    """Category dicts of a COCO/LVIS json, sorted by category id."""
+    with open(json_file) as f:
+        categories = json.load(f)["categories"]
+    return sorted(categories, key=lambda cat: cat["id"])
+
+
+def lvis_base_categories(categories):
+    """LVIS categories that are not rare (frequent + common: the 866 base classes)."""
+    return [cat for cat in categories if cat["frequency"] != LVIS_RARE]
+
+
+def _load_api(json_file):
+    # pycocotools prints progress to stdout; keep library output in the log only.
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        api = COCO(json_file)
+    logger.debug(buffer.getvalue().strip())
+    return api
+
+
+def load_coco_json(json_file, image_root):
+    """Records of a COCO-format json; ``file_name`` is ``image_root/<json file_name>``."""
+    api = _load_api(json_file)
+    categories = sorted(api.dataset["categories"], key=lambda cat: cat["id"])
+    id_map = {cat["id"]: index for index, cat in enumerate(categories)}
+    return _build_records(api, id_map, lambda img: os.path.join(image_root, img["file_name"]))
+
+
+def load_lvis_json(json_file, image_root, base_only=False, max_annotations=0):
+    """Records of an LVIS v1 json.
+
+    The image path is ``image_root/<split folder>/<file>`` with both parts taken from
+    ``coco_url`` (LVIS v1 reuses COCO train2017 and val2017 images). With ``base_only`` rare
+    annotations are dropped and ids are contiguous over the 866 base classes; otherwise
+    category id = LVIS id - 1. ``max_annotations > 0`` keeps only the first that many
+    annotations of an image (the original's memory cap for ground-truth-box inference).
+    """
+    api = _load_api(json_file)
+    categories = sorted(api.dataset["categories"], key=lambda cat: cat["id"])
+    if base_only:
+        categories = lvis_base_categories(categories)
+    id_map = {cat["id"]: index for index, cat in enumerate(categories)}
+    records = _build_records(api, id_map, _lvis_file_name(image_root))
+    for record, img_id in zip(records, sorted(api.imgs)):
+        _add_lvis_image_labels(record, api.imgs[img_id], id_map)
+    if max_annotations > 0:
+        _truncate_annotations(records, max_annotations)
+    return records
+
+
+def _lvis_file_name(image_root):
+    def file_name(img):
+        split_folder, name = img["coco_url"].split("/")[-2:]
+        return os.path.join(image_root, split_folder, name)
+
+    return file_name
+
+
+def _add_lvis_image_labels(record, img, id_map):
+    """Federated labels of an LVIS image, as contiguous ids (for federated training losses)."""
+    for key in ("not_exhaustive_category_ids", "neg_category_ids"):
+        record[key] = [id_map[cat_id] for cat_id in img.get(key, []) if cat_id in id_map]
+
+
+def _truncate_annotations(records, max_annotations):
+    truncated = 0
+    for record in records:
+        if len(record["annotations"]) > max_annotations:
+            record["annotations"] = record["annotations"][:max_annotations]
+            truncated += 1
+    if truncated:
+        logger.warning("%d images had more than %d annotations; truncated", truncated,
+                       max_annotations)
+
+
+def _build_records(api, id_map, file_name_fn):
+    """One record per image of ``api``, in increasing image id order."""
+    stats = Counter()
+    records = []
+    for img_id in sorted(api.imgs):
+        img = api.imgs[img_id]
+        record = {
+            "file_name": file_name_fn(img),
+            "height": img["height"],
+            "width": img["width"],
+            "image_id": img_id,
+        }
+        anns = api.imgToAnns.get(img_id, [])
+        record["annotations"] = _convert_annotations(anns, id_map, img, stats)
+        stats["without_annotations"] += not record["annotations"]
+        records.append(record)
+    _log_stats(stats, len(records), api)
+    return records
+
+
+def _convert_annotations(anns, id_map, img, stats):
+    converted = []
+    for ann in anns:
+        if ann["category_id"] not in id_map:
+            stats["other_category"] += 1
+            continue
+        obj = _convert_annotation(ann, img["height"], img["width"], stats)
+        if obj is not None:
+            obj["category_id"] = id_map[ann["category_id"]]
+            converted.append(obj)
+    return converted
+
+
+def _convert_annotation(ann, height, width, stats):
+    """Annotation dict with its box clipped to the image, or None when the box is empty."""
+    x, y, w, h = (float(v) for v in ann["bbox"])
+    x0, y0 = max(x, 0.0), max(y, 0.0)
+    x1, y1 = min(x + w, float(width)), min(y + h, float(height))
+    if x1 <= x0 or y1 <= y0:
+        stats["empty_box"] += 1
+        return None
+    if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+        stats["clipped_box"] += 1
+    obj = {
+        "bbox": [x0, y0, x1 - x0, y1 - y0],
+        "bbox_mode": BoxMode.XYWH_ABS,
+        "iscrowd": int(ann.get("iscrowd", 0)),
+    }
+    segmentation = _valid_segmentation(ann.get("segmentation"))
+    if segmentation:
+        obj["segmentation"] = segmentation
+    elif "segmentation" in ann:
+        stats["invalid_segmentation"] += 1
+    return obj
+
+
+def _valid_segmentation(segmentation):
+    """RLE dicts pass through; polygons shorter than three points are removed."""
+    if isinstance(segmentation, dict):
+        return segmentation
+    if not segmentation:
+        return None
+    polygons = [p for p in segmentation if len(p) % 2 == 0 and len(p) >= _MIN_POLYGON_COORDS]
+    return polygons or None
+
+
+_STAT_MESSAGES = {
+    "empty_box": "annotations with an empty box (after clipping to the image) were dropped",
+    "clipped_box": "annotation boxes reached outside the image and were clipped",
+    "invalid_segmentation": "annotations had no valid polygon; their boxes were kept",
+}
+
+
+def _log_stats(stats, num_images, api):
+    logger.info("Loaded %d images, %d annotations", num_images, len(api.anns))
+    for key, message in _STAT_MESSAGES.items():
+        if stats[key]:
+            logger.warning("%d %s", stats[key], message)
+    if stats["other_category"]:
+        logger.info("%d annotations of classes outside the class list were left out",
+                    stats["other_category"])
+    if stats["without_annotations"]:
+        logger.info("%d of %d images have no usable annotations (kept)",
+                    stats["without_annotations"], num_images)
+
+
+def load_image_folder(folder):
+    """Records for every image file in ``folder`` (sorted by name); no annotations.
+
+    ``image_id`` is the position in the sorted list; sizes come from the file headers with the
+    EXIF orientation applied, so they match the decoded images.
+    """
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+    records = []
+    for index, name in enumerate(names):
+        path = os.path.join(folder, name)
+        height, width = read_image_size(path)
+        records.append({"file_name": path, "height": height, "width": width, "image_id": index})
+    return records
