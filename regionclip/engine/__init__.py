@@ -1,0 +1,1 @@
+"""Command line, process launch, training loop and metric writers."""

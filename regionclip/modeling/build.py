@@ -1,0 +1,123 @@
+"""cfg -> model. The only modeling code that reads the config."""
+import logging
+from typing import Optional
+
+import torch
+
+from ..config import check_clip_settings, resolve_clip_variant
+from .box_predictor import InferenceSettings, TextEmbeddingPredictor
+from .clip_resnet import CLIPResNet
+from .clip_variants import CLIPVariant
+from .detector import CLIPFastRCNN
+from .mask_head import MaskHead
+from .offline_rpn import build_offline_rpn, offline_rpn_cfg
+from .region_head import RegionHead
+from .text_encoder import TextEncoder, load_embeddings
+
+logger = logging.getLogger("regionclip")
+
+
+def _class_embeddings(path: str, num_classes: int, variant: CLIPVariant, key: str):
+    """Embeddings from ``path``, or a placeholder that a checkpoint is expected to fill."""
+    if not path:
+        return torch.randn(num_classes, variant.embed_dim) if num_classes else None
+    emb = load_embeddings(path, expected_dim=variant.embed_dim)
+    if num_classes and emb.shape[0] != num_classes:
+        raise ValueError(
+            f"{key} {path} holds {emb.shape[0]} class embeddings but "
+            f"MODEL.ROI_HEADS.NUM_CLASSES is {num_classes}"
+        )
+    return emb
+
+
+def inference_settings(cfg) -> InferenceSettings:
+    clip, heads = cfg.MODEL.CLIP, cfg.MODEL.ROI_HEADS
+    gt_boxes = clip.CROP_REGION_TYPE == "GT"
+    if gt_boxes and clip.MULTIPLY_RPN_SCORE:
+        raise ValueError("MODEL.CLIP.MULTIPLY_RPN_SCORE needs RPN proposals; set it to False "
+                         "with MODEL.CLIP.CROP_REGION_TYPE GT")
+    return InferenceSettings(
+        score_thresh=heads.SCORE_THRESH_TEST,
+        nms_thresh=heads.NMS_THRESH_TEST,
+        detections_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+        no_box_delta=clip.NO_BOX_DELTA or gt_boxes,  # ground-truth boxes are never regressed
+        multiply_rpn_score=clip.MULTIPLY_RPN_SCORE,
+        report_unfused_scores=clip.VIS,
+        soft_nms=heads.SOFT_NMS_ENABLED,
+        soft_nms_method=heads.SOFT_NMS_METHOD,
+        soft_nms_sigma=heads.SOFT_NMS_SIGMA,
+        soft_nms_prune=heads.SOFT_NMS_PRUNE,
+        box_reg_weights=tuple(cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS),
+    )
+
+
+def build_region_head(cfg, variant: CLIPVariant) -> RegionHead:
+    clip = cfg.MODEL.CLIP
+    num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    train_emb = _class_embeddings(clip.TEXT_EMB_PATH, num_classes, variant,
+                                  "MODEL.CLIP.TEXT_EMB_PATH")
+    test_emb = _class_embeddings(clip.OPENSET_TEST_TEXT_EMB_PATH, 0, variant,
+                                 "MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH")
+    predictor = TextEmbeddingPredictor(train_emb, test_emb, temperature=clip.CLSS_TEMP)
+    mask_head = None
+    if cfg.MODEL.MASK_ON:
+        if cfg.MODEL.ROI_MASK_HEAD.NUM_CONV != 0:
+            raise ValueError("Only the official class-agnostic mask head "
+                             "(MODEL.ROI_MASK_HEAD.NUM_CONV 0) is supported")
+        num_mask_classes = 1 if cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK else num_classes
+        mask_head = MaskHead(variant.attnpool_dim, cfg.MODEL.ROI_MASK_HEAD.CONV_DIM,
+                             num_mask_classes)
+    return RegionHead(predictor, cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION or
+                      variant.pooler_resolution, inference_settings(cfg), mask_head)
+
+
+def _pixel_stats(cfg):
+    """Mean/std on the 0-255 scale: CLIP configs give them on 0-1 (sum of means < 3)."""
+    mean, std = list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD)
+    if sum(mean) < 3:
+        if cfg.INPUT.FORMAT != "RGB":
+            raise ValueError("MODEL.PIXEL_MEAN on the 0-1 scale (CLIP) needs INPUT.FORMAT RGB")
+        mean, std = [255.0 * m for m in mean], [255.0 * s for s in std]
+    return mean, std
+
+
+def build_clip_fast_rcnn(cfg) -> CLIPFastRCNN:
+    check_clip_settings(cfg)
+    variant = resolve_clip_variant(cfg)
+    clip = cfg.MODEL.CLIP
+    offline = {}
+    if clip.CROP_REGION_TYPE == "RPN":
+        backbone, generator, offline_input = build_offline_rpn(offline_rpn_cfg(cfg),
+                                                               cfg.INPUT.FORMAT)
+        offline = dict(offline_backbone=backbone, offline_proposal_generator=generator,
+                       offline_input=offline_input)
+    mean, std = _pixel_stats(cfg)
+    lang_encoder: Optional[TextEncoder] = TextEncoder(variant) if clip.GET_CONCEPT_EMB else None
+    model = CLIPFastRCNN(
+        backbone=CLIPResNet(variant, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT),
+        roi_heads=build_region_head(cfg, variant),
+        pixel_mean=mean,
+        pixel_std=std,
+        proposal_source=clip.CROP_REGION_TYPE,
+        lang_encoder=lang_encoder,
+        **offline,
+    )
+    logger.info("Built CLIPFastRCNN with CLIP %s, %s proposals", variant.name,
+                clip.CROP_REGION_TYPE)
+    return model
+
+
+META_ARCHITECTURES = {"CLIPFastRCNN": build_clip_fast_rcnn}
+
+
+def build_model(cfg) -> torch.nn.Module:
+    name = cfg.MODEL.META_ARCHITECTURE
+    if name not in META_ARCHITECTURES:
+        raise ValueError(f"MODEL.META_ARCHITECTURE {name!r} is not available; valid names: "
+                         f"{sorted(META_ARCHITECTURES)}")
+    model = META_ARCHITECTURES[name](cfg)
+    device = cfg.MODEL.DEVICE
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("MODEL.DEVICE is %s but no GPU is available: running on the CPU", device)
+        device = "cpu"
+    return model.to(torch.device(device))

@@ -1,0 +1,90 @@
+"""Region embeddings: RoIAlign on res4 -> CLIP res5 -> attention pool.
+
+The res5 stage and the attention pool belong to the CLIP trunk (their weights are
+``backbone.layer4.*`` and ``backbone.attnpool.*`` in every official checkpoint) and are passed
+in at call time; this head owns only the predictor and the optional mask head, so its
+state-dict keys are ``roi_heads.box_predictor.*`` and ``roi_heads.mask_head.*``.
+"""
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..ops import roi_align
+from ..structures import Instances
+from .box_predictor import InferenceSettings, TextEmbeddingPredictor, detect_single_image
+from .box_predictor import predict_boxes, predict_probs
+from .mask_head import MaskHead, attach_mask_probs
+
+
+def pool_regions(
+    res4: torch.Tensor, boxes: List[torch.Tensor], resolution: int, stride: int = 16
+) -> torch.Tensor:
+    """RoIAlign ("ROIAlignV2": aligned, adaptive sampling) of xyxy boxes given per image.
+
+    res4: [N, C, H, W]; boxes: N tensors [R_i, 4] in input-image pixels -> [sum R_i, C, S, S].
+    """
+    return roi_align(res4, boxes, resolution, spatial_scale=1.0 / stride, sampling_ratio=0,
+                     aligned=True)
+
+
+class RegionHead(nn.Module):
+    """Turns proposals into region embeddings, class scores, boxes and masks."""
+
+    def __init__(
+        self,
+        box_predictor: TextEmbeddingPredictor,
+        pooler_resolution: int,
+        inference: InferenceSettings,
+        mask_head: Optional[MaskHead] = None,
+    ):
+        super().__init__()
+        self.box_predictor = box_predictor
+        self.mask_head = mask_head
+        self.pooler_resolution = pooler_resolution
+        self.inference_settings = inference
+
+    def region_features(self, res4, boxes: List[torch.Tensor], res5: nn.Module):
+        """res5 feature maps [R, C5, S/2, S/2] of the given boxes."""
+        return res5(pool_regions(res4, boxes, self.pooler_resolution))
+
+    def embed(self, res4, boxes: List[torch.Tensor], res5: nn.Module, attnpool: nn.Module):
+        """Unnormalised region embeddings [R, D] of the given boxes."""
+        return attnpool(self.region_features(res4, boxes, res5))
+
+    def forward(
+        self,
+        features: Dict[str, torch.Tensor],
+        proposals: List[Instances],
+        res5: nn.Module,
+        attnpool: nn.Module,
+    ) -> List[Instances]:
+        """Detections per image, in the (resized) input coordinates.
+
+        Each result also carries ``proposal_index`` (the proposal a detection came from).
+        """
+        res4 = features["res4"]
+        embeddings = self.embed(res4, [p.proposal_boxes.tensor for p in proposals], res5, attnpool)
+        return self.predict(embeddings, proposals, res4, res5)
+
+    def predict(self, embeddings, proposals: List[Instances], res4, res5) -> List[Instances]:
+        settings = self.inference_settings
+        logits, deltas = self.box_predictor(embeddings)
+        scores, unfused = predict_probs(logits, proposals, settings.multiply_rpn_score)
+        boxes = predict_boxes(deltas, proposals, settings)
+        results = []
+        for b, s, u, p in zip(boxes, scores, unfused, proposals):
+            result, index = detect_single_image(b, s, u, p.image_size, settings)
+            result.proposal_index = index
+            results.append(result)
+        if self.mask_head is not None:
+            self._predict_masks(res4, res5, results)
+        return results
+
+    def _predict_masks(self, res4, res5: nn.Module, results: List[Instances]) -> None:
+        boxes = [r.pred_boxes.tensor for r in results]
+        if sum(len(b) for b in boxes) == 0:
+            for r in results:
+                r.pred_masks = res4.new_zeros((0, 1, self.pooler_resolution, self.pooler_resolution))
+            return
+        attach_mask_probs(self.mask_head(self.region_features(res4, boxes, res5)), results)

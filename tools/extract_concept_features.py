@@ -1,0 +1,37 @@
+#!/usr/bin/env python3
+"""Class / concept names -> an embedding file in the original's format ([C, D] float tensor).
+
+The original's command line works unchanged (names from ``INPUT_DIR/concepts.txt``, output
+``OUTPUT_DIR/concept_embeds.pth``); ``--names`` also takes a COCO/LVIS json (its categories).
+"""
+import os
+
+import torch
+
+from regionclip.config import load_config, resolve_clip_variant
+from regionclip.engine.cli import default_argument_parser, setup_logging
+from regionclip.modeling.text_encoder import class_names_from_file, save_embeddings
+from regionclip.vocabulary import embed_class_names
+
+
+def main(argv=None) -> str:
+    parser = default_argument_parser(__doc__)
+    parser.add_argument("--names", default="",
+                        help="txt (one name per line) or COCO/LVIS json; default "
+                        "INPUT_DIR/concepts.txt")
+    parser.add_argument("--output", default="", help="default OUTPUT_DIR/concept_embeds.pth")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config_file, args.opts)
+    logger = setup_logging()
+    names = class_names_from_file(args.names or os.path.join(cfg.INPUT_DIR, "concepts.txt"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    embeddings = embed_class_names(names, cfg.MODEL.WEIGHTS, resolve_clip_variant(cfg), device)
+    output = args.output or os.path.join(cfg.OUTPUT_DIR, "concept_embeds.pth")
+    save_embeddings(embeddings, output)
+    logger.info("Wrote %s embeddings of %d names to %s", list(embeddings.shape), len(names),
+                output)
+    return output
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""Evaluate RegionCLIP detectors, with detectron2's command line.
+
+    python3 tools/train_net.py --eval-only --num-gpus 1 --config-file CONFIG [KEY VALUE ...]
+
+Loads ``MODEL.WEIGHTS``, then (with RPN proposals) the offline RPN weights of
+``MODEL.CLIP.BB_RPN_WEIGHTS``; runs inference on every dataset of ``DATASETS.TEST`` and
+writes ``OUTPUT_DIR/inference/{coco,lvis}_instances_results.json`` plus the metrics.
+"""
+import json
+import logging
+import os
+
+from regionclip.checkpoint import VOCABULARY_KEYS, load_checkpoint
+from regionclip.data.catalog import get_dataset_dicts, get_metadata
+from regionclip.data.loader import build_test_loader
+from regionclip.data.mapper import build_inference_mapper
+from regionclip.engine.cli import default_argument_parser, setup
+from regionclip.engine.launch import is_main_process, launch
+from regionclip.evaluation import build_evaluator
+from regionclip.evaluation.inference import inference_on_dataset
+from regionclip.evaluation.results import write_json_atomic
+from regionclip.modeling.build import build_model
+
+logger = logging.getLogger("regionclip")
+
+
+def load_weights(cfg, model) -> None:
+    """``MODEL.WEIGHTS`` first, then the offline RPN file, as the original did.
+
+    Vocabulary embeddings given as files win over the ones a fine-tuned checkpoint stores
+    (the original let the checkpoint silently override a same-sized vocabulary).
+    """
+    clip = cfg.MODEL.CLIP
+    protected = [key for key, path in zip(VOCABULARY_KEYS,
+                                          (clip.TEXT_EMB_PATH, clip.OPENSET_TEST_TEXT_EMB_PATH))
+                 if path]
+    if cfg.MODEL.WEIGHTS:
+        load_checkpoint(model, cfg.MODEL.WEIGHTS, skip_prefixes=protected)
+    if clip.BB_RPN_WEIGHTS and clip.CROP_REGION_TYPE == "RPN":
+        load_checkpoint(model, clip.BB_RPN_WEIGHTS, offline_rpn=True)
+
+
+def check_vocabulary(model, dataset_name: str) -> None:
+    """The classifier must score exactly the dataset's classes, in its order."""
+    num_dataset = len(get_metadata(dataset_name).thing_classes)
+    num_model = model.roi_heads.box_predictor.num_classes
+    if num_dataset != num_model:
+        raise ValueError(
+            f"The model scores {num_model} classes but {dataset_name} has {num_dataset}: set "
+            "MODEL.CLIP.TEXT_EMB_PATH (or OPENSET_TEST_TEXT_EMB_PATH) to embeddings of the "
+            "dataset's classes, in its category order"
+        )
+
+
+def test(cfg, model) -> dict:
+    results = {}
+    output_dir = os.path.join(cfg.OUTPUT_DIR, "inference")
+    mapper = build_inference_mapper(cfg)
+    model.eval()
+    for name in cfg.DATASETS.TEST:
+        check_vocabulary(model, name)
+        records = get_dataset_dicts(name, input_dir=cfg.INPUT_DIR)
+        loader = build_test_loader(records, mapper, cfg.DATALOADER.NUM_WORKERS)
+        results[name] = inference_on_dataset(model, loader, build_evaluator(name, output_dir))
+        if is_main_process():
+            logger.info("Results on %s: %s", name, json.dumps(results[name], indent=1))
+    if is_main_process() and results:
+        write_json_atomic(results, os.path.join(output_dir, "metrics.json"))
+    return results
+
+
+def main(args):
+    cfg = setup(args)
+    if not args.eval_only:
+        raise SystemExit("Only --eval-only is available in this version of regionclip.")
+    model = build_model(cfg)
+    load_weights(cfg, model)
+    return test(cfg, model)
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    launch(main, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url, (args,))
