@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tup
 import torch
 from torch import nn
 
+from .atomic import atomic_open
 from .modeling.clip_variants import LEGACY_DEPTHS, VARIANTS
 
 __all__ = ["CheckpointError", "CheckpointMismatchError", "LoadReport", "VOCABULARY_KEYS",
@@ -385,17 +386,5 @@ def save_checkpoint(path: str, model_state: Mapping[str, torch.Tensor], **extra:
     folder replaces ``path`` only once complete, so a crash never leaves a partial file."""
     if "model" in extra:
         raise ValueError("'model' is reserved for the state dict")
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"model": dict(model_state), **extra}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save({"model": dict(model_state), **extra}, f)

@@ -9,12 +9,12 @@ last occurrence wins, as PyYAML does.
 import difflib
 import logging
 import os
-import tempfile
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Sequence, Tuple
 
 import yaml
 from fvcore.common.config import CfgNode
 
+from ..atomic import atomic_open
 from .defaults import _C
 
 if TYPE_CHECKING:
@@ -326,14 +326,7 @@ def dump_config(cfg: CfgNode, output_dir: str) -> str:
     The text goes to a temporary file in the same folder first and is then renamed over the
     target, so a crash never leaves a truncated config behind.
     """
-    os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, DUMP_FILE_NAME)
-    fd, tmp_path = tempfile.mkstemp(prefix=f".{DUMP_FILE_NAME}.", dir=output_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(cfg.dump())
-        os.replace(tmp_path, path)
-    except BaseException:
-        os.unlink(tmp_path)
-        raise
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(cfg.dump())
     return path

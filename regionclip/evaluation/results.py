@@ -2,10 +2,11 @@
 
 import json
 import os
-import uuid
 
 import numpy as np
 import pycocotools.mask as mask_util
+
+from ..atomic import atomic_open
 
 
 def instances_to_coco_json(instances, image_id, contiguous_to_dataset_id=None):
@@ -54,21 +55,8 @@ def write_json_atomic(obj, path):
     The data goes to a temporary file in the same folder, which then replaces ``path``; if
     serialisation or writing fails the temporary file is removed and ``path`` is unchanged.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # A unique name opened with "x" (rather than mkstemp, which makes files private) keeps
-    # the usual permissions and cannot collide with another writer.
-    tmp_path = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp_path, "x") as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f)
 
 
 class ResultsEvaluator:

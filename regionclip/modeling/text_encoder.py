@@ -7,7 +7,6 @@ state dict, and there is no ``logit_scale``.
 """
 import json
 import os
-import tempfile
 from collections import Counter
 from typing import List, Optional, Sequence, Union
 
@@ -15,6 +14,7 @@ import torch
 from open_clip.tokenizer import tokenize as _open_clip_tokenize
 from open_clip.transformer import LayerNormFp32, QuickGELU, TextTransformer
 
+from ..atomic import atomic_open
 from .clip_variants import CLIPVariant
 from .prompt_templates import PROMPT_TEMPLATES, build_prompts, prompt_engineering
 
@@ -144,17 +144,9 @@ def save_embeddings(embeddings: torch.Tensor, path: str) -> None:
     """Write a [C, D] tensor with torch.save, atomically (temporary file + os.replace)."""
     if embeddings.dim() != 2:
         raise ValueError(f"embeddings must be [C, D], got shape {tuple(embeddings.shape)}")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # clone: a view would otherwise drag its whole base storage into the file
-            torch.save(embeddings.detach().cpu().clone(), f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        # clone: a view would otherwise drag its whole base storage into the file
+        torch.save(embeddings.detach().cpu().clone(), f)
 
 
 def load_embeddings(path: str, expected_dim: Optional[int] = None) -> torch.Tensor:
