@@ -1,0 +1,331 @@
+"""Image-caption pretraining data: one iterable dataset over TSV pairs, tar shards and jsonl.
+
+Each record is ``{"image": float [3, H, W] in [0, 1] RGB after the transforms, "captions":
+list of at most 5 str, "tokens": long [n_captions, 77], "height", "width": the decoded image's
+size before the transforms, "key": str}``; ``collate_image_text`` batches records as a list.
+
+Caption choice: the dataset keeps all captions; the model draws one per image per step, as the
+original's PretrainFastRCNN did, with ``choose_captions``, which uses each image's own caption
+count (the original used the first image's count for the whole batch, reference 11.7).
+
+Splitting work without duplicates: items of indexed sources (TSV rows, jsonl lines) and
+shards of tar sources are "units". Every epoch all units are permuted with a seed shared by
+all processes, and split ``rank * num_workers + worker_id`` takes every
+``(world_size * num_workers)``-th unit. A source with fewer shards than splits has each shard
+cut into interleaved parts (sample ordinal modulo the number of parts), so every split gets
+work and no sample is read twice in an epoch. Samples from shards pass a shuffle buffer.
+
+Skipping: a missing or undecodable image, an item without captions, or an unreadable shard is
+skipped and counted in ``skipped`` (shared memory, so the counts of DataLoader workers show in
+the main process). Each worker logs its first ten skips, then a summary every ``log_period``.
+An epoch in which a split reads samples but can use none of them raises.
+"""
+import io
+import logging
+import math
+import random
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from ..config import ConfigError
+from ..engine.launch import all_gather, get_rank, get_world_size
+from ..modeling.text_encoder import CONTEXT_LENGTH, tokenize
+from .image_io import ImageReadError, read_image
+from .image_text_sources import (
+    MAX_CAPTIONS,
+    JsonlSource,
+    RawSample,
+    ShardReadError,
+    TSVPairSource,
+    WebDatasetSource,
+)
+
+logger = logging.getLogger(__name__)
+
+# DATASETS.FACTORY_TRAIN value -> source class (the first is the original's name).
+FACTORIES = {
+    "CLIPImgTxtPairTSVDataset": TSVPairSource,
+    "WebDataset": WebDatasetSource,
+    "ImageCaptionJsonl": JsonlSource,
+}
+SKIP_REASONS = ("image", "caption", "shard")
+# PIL's integer resampling codes (AUG.INTERPOLATION) -> torchvision modes.
+PIL_INTERPOLATION = {
+    0: InterpolationMode.NEAREST, 1: InterpolationMode.LANCZOS, 2: InterpolationMode.BILINEAR,
+    3: InterpolationMode.BICUBIC, 4: InterpolationMode.BOX, 5: InterpolationMode.HAMMING,
+}
+_COUNTER_SLOTS = 256  # one row of skip counts per DataLoader worker id (modulo this)
+_LOGGED_SKIPS = 10
+
+
+class ImageTextTransform:
+    """The original's pretraining transforms (``build_clip_transforms`` with one IMAGE_SIZE).
+
+    ``size`` (s,): shorter side to s with PIL; if the longer side would exceed ``max_size``
+    (0 = no cap) it becomes ``max_size`` and the shorter side ``int(max_size * s / long)``
+    (torchvision ``Resize(max_size)``, integer truncation). ``size`` (h, w): exactly that size.
+    Then a horizontal flip with probability ``flip_prob`` and a [0, 1] float tensor.
+    """
+
+    def __init__(self, size: Sequence[int] = (800,), max_size: int = 1333,
+                 interpolation: int = 3, flip_prob: float = 0.5):
+        size = [int(s) for s in size]
+        if len(size) not in (1, 2) or min(size) <= 0:
+            raise ValueError(f"image size must be (shorter side,) or (h, w), got {size}")
+        if max_size and (len(size) == 2 or max_size <= size[0]):
+            raise ValueError(f"max_size {max_size} needs one size value below it, got {size}")
+        if interpolation not in PIL_INTERPOLATION:
+            raise ValueError(f"interpolation must be a PIL filter code "
+                             f"{sorted(PIL_INTERPOLATION)}, got {interpolation}")
+        self.size, self.max_size, self.flip_prob = size, max_size or None, flip_prob
+        self.interpolation = PIL_INTERPOLATION[interpolation]
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+        image = TF.resize(image, self.size, self.interpolation, max_size=self.max_size)
+        if rng.random() < self.flip_prob:
+            image = TF.hflip(image)
+        return TF.to_tensor(image)
+
+
+def decode_image(image) -> np.ndarray:
+    """Encoded bytes or a path -> uint8 [H, W, 3] RGB, upright; ImageReadError if unusable."""
+    if image is None:
+        raise ImageReadError("no usable image data")
+    source = io.BytesIO(image) if isinstance(image, bytes) else image
+    try:
+        return read_image(source, "RGB")
+    except Image.DecompressionBombError as error:
+        raise ImageReadError(str(error)) from error
+
+
+class ImageTextDataset(IterableDataset):
+    """Records of one or more sources, split across processes and DataLoader workers.
+
+    ``infinite`` repeats epochs forever (training); otherwise one pass. ``seed`` must be equal
+    in all processes: it orders the units. ``rank``/``world_size`` default to
+    ``regionclip.engine.launch``'s.
+    """
+
+    def __init__(self, sources: Sequence, transform: Callable, *, shuffle: bool = True,
+                 infinite: bool = True, seed: int = 0, rank: Optional[int] = None,
+                 world_size: Optional[int] = None, shuffle_buffer: int = 256,
+                 max_captions: int = MAX_CAPTIONS, log_period: int = 1000,
+                 context_length: int = CONTEXT_LENGTH):
+        if not sources:
+            raise ValueError("ImageTextDataset needs at least one source")
+        self.sources, self.transform = list(sources), transform
+        self.shuffle, self.infinite, self.seed = shuffle, infinite, seed
+        self.rank = get_rank() if rank is None else rank
+        self.world_size = get_world_size() if world_size is None else world_size
+        self.shuffle_buffer, self.max_captions = shuffle_buffer, max_captions
+        self.log_period, self.context_length = log_period, context_length
+        self._counts = torch.zeros(_COUNTER_SLOTS, len(SKIP_REASONS), dtype=torch.int64)
+        self._counts.share_memory_()
+
+    @property
+    def skipped(self) -> Dict[str, int]:
+        """Items skipped so far per reason, summed over this process's DataLoader workers."""
+        return dict(zip(SKIP_REASONS, self._counts.sum(dim=0).tolist()))
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        split, num_splits = self.rank * num_workers + worker_id, self.world_size * num_workers
+        slot = worker_id % _COUNTER_SLOTS
+        blocks = self._unit_blocks(num_splits)
+        rng = random.Random(f"{self.seed}/{split}")
+        epoch = 0
+        while True:
+            units = self._split_units(blocks, epoch, split, num_splits)
+            if len(units) == 0:
+                logger.warning("Image-text split %d of %d has no data", split, num_splits)
+                return
+            produced = read = 0
+            for raw in self._raw_samples(blocks, units, rng, slot):
+                read += 1
+                record = self._record(raw, rng, slot)
+                if record is not None:
+                    produced += 1
+                    yield record
+            if produced == 0:
+                self._raise_or_stop(read, split, num_splits)
+                return
+            if not self.infinite:
+                return
+            epoch += 1
+
+    def _unit_blocks(self, num_splits: int) -> List[tuple]:
+        """(source, number of units, parts per shard) per source."""
+        blocks = []
+        for source in self.sources:
+            if source.indexed:
+                blocks.append((source, len(source), 1))
+            else:
+                parts = math.ceil(num_splits / len(source.shards))
+                blocks.append((source, len(source.shards) * parts, parts))
+        total = sum(count for _, count, _ in blocks)
+        if total < self.world_size:
+            raise ValueError(f"image-text data has {total} items, fewer than the "
+                             f"{self.world_size} processes")
+        return blocks
+
+    def _split_units(self, blocks, epoch: int, split: int, num_splits: int) -> torch.Tensor:
+        total = sum(count for _, count, _ in blocks)
+        if not self.shuffle:
+            return torch.arange(split, total, num_splits)
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(total, generator=generator)[split::num_splits].contiguous()
+
+    def _raw_samples(self, blocks, units, rng, slot) -> Iterator[RawSample]:
+        starts = torch.tensor([0] + [count for _, count, _ in blocks]).cumsum(0)
+        block_ids = torch.searchsorted(starts, units, right=True) - 1
+        samples = (sample for unit, block in zip(units.tolist(), block_ids.tolist())
+                   for sample in self._unit_samples(blocks[block], unit - int(starts[block]),
+                                                    rng, slot))
+        streamed = any(not source.indexed for source, _, _ in blocks)
+        if self.shuffle and streamed and self.shuffle_buffer > 1:
+            return _buffer_shuffle(samples, self.shuffle_buffer, rng)
+        return samples
+
+    def _unit_samples(self, block, unit: int, rng, slot) -> Iterator[RawSample]:
+        source, _, parts = block
+        if source.indexed:
+            yield source.read(unit, rng)
+            return
+        shard, part = divmod(unit, parts)
+        try:
+            yield from source.iter_shard(shard, rng, part, parts)
+        except ShardReadError as error:
+            self._skip("shard", source.shards[shard], error, slot)
+
+    def _record(self, raw: RawSample, rng, slot) -> Optional[dict]:
+        if not raw.captions:
+            self._skip("caption", raw.key, "no caption", slot)
+            return None
+        try:
+            array = decode_image(raw.image)
+        except ImageReadError as error:
+            self._skip("image", raw.key, error, slot)
+            return None
+        captions = raw.captions[:self.max_captions]
+        return {
+            "image": self.transform(Image.fromarray(array), rng),
+            "captions": captions,
+            "tokens": tokenize(captions, self.context_length),
+            "height": int(array.shape[0]),
+            "width": int(array.shape[1]),
+            "key": raw.key,
+        }
+
+    def _skip(self, reason: str, key: str, error, slot: int) -> None:
+        row = self._counts[slot]
+        row[SKIP_REASONS.index(reason)] += 1
+        count = int(row.sum())
+        if count <= _LOGGED_SKIPS:
+            logger.warning("Skipped image-text item %s (%s): %s", key, reason, error)
+        elif count % self.log_period == 0:
+            counts = dict(zip(SKIP_REASONS, row.tolist()))
+            logger.warning("Image-text worker %d has skipped %d items so far: %s", slot, count,
+                           counts)
+
+    def _raise_or_stop(self, read: int, split: int, num_splits: int) -> None:
+        names = ", ".join(str(source.path) for source in self.sources)
+        if read:
+            raise RuntimeError(f"no usable image-text item in {names}: all {read} items of "
+                               f"split {split}/{num_splits} were skipped ({self.skipped})")
+        logger.warning("Image-text split %d of %d read no samples from %s", split, num_splits,
+                       names)
+
+
+def _buffer_shuffle(samples: Iterator, size: int, rng: random.Random) -> Iterator:
+    """Streamed samples in random order within a window of ``size`` (webdataset's shuffle)."""
+    buffer = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        index = rng.randrange(size)
+        yield buffer[index]
+        buffer[index] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def collate_image_text(batch: List[dict]) -> List[dict]:
+    """Images differ in size: a batch is the list of records (the model pads)."""
+    return list(batch)
+
+
+def choose_captions(tokens: Sequence[torch.Tensor],
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One caption per image, uniform among that image's own: [n_i, L] each -> [B, L]."""
+    picks = [t[torch.randint(len(t), (), generator=generator)] for t in tokens]
+    return torch.stack(picks)
+
+
+def _split_plus(value: str, count: int, key: str) -> List[str]:
+    parts = value.split("+")
+    if len(parts) == 1:
+        return parts * count
+    if len(parts) != count:
+        raise ConfigError(f"{key} entry {value!r} has {len(parts)} '+' parts, expected {count}")
+    return parts
+
+
+def build_sources(cfg, max_captions: int = MAX_CAPTIONS) -> list:
+    """Sources of ``DATASETS.TRAIN`` / ``FACTORY_TRAIN`` / ``PATH_TRAIN`` (one entry each; an
+    entry may join several datasets with ``+`` in name and path, as the original)."""
+    names, factories, paths = (cfg.DATASETS.TRAIN, cfg.DATASETS.FACTORY_TRAIN,
+                               cfg.DATASETS.PATH_TRAIN)
+    if not names or not len(names) == len(factories) == len(paths):
+        raise ConfigError("image-text pretraining needs one DATASETS.FACTORY_TRAIN and one "
+                          "DATASETS.PATH_TRAIN entry per DATASETS.TRAIN entry, got "
+                          f"{tuple(names)}, {tuple(factories)}, {tuple(paths)}")
+    sources = []
+    for name, factory, path in zip(names, factories, paths):
+        part_paths = path.split("+")
+        _split_plus(name, len(part_paths), "DATASETS.TRAIN")
+        for part_factory, part_path in zip(_split_plus(factory, len(part_paths),
+                                                       "DATASETS.FACTORY_TRAIN"), part_paths):
+            if part_factory not in FACTORIES:
+                raise ConfigError(f"unknown DATASETS.FACTORY_TRAIN {part_factory!r}; "
+                                  f"choose from {sorted(FACTORIES)}")
+            sources.append(FACTORIES[part_factory](part_path, max_captions=max_captions))
+    return sources
+
+
+def build_image_text_transform(cfg) -> ImageTextTransform:
+    """AUG.TRAIN.IMAGE_SIZE / AUG.TRAIN.MAX_SIZE / AUG.INTERPOLATION, flip probability 0.5."""
+    return ImageTextTransform(cfg.AUG.TRAIN.IMAGE_SIZE, cfg.AUG.TRAIN.MAX_SIZE,
+                              cfg.AUG.INTERPOLATION)
+
+
+def _shared_seed(cfg) -> int:
+    # A random seed must still be the same in every process, or the unit splits overlap.
+    return cfg.SEED if cfg.SEED >= 0 else all_gather(random.randrange(2 ** 31))[0]
+
+
+def build_image_text_dataset(cfg, infinite: bool = True, rank: Optional[int] = None,
+                             world_size: Optional[int] = None) -> ImageTextDataset:
+    """The training dataset of an image-text config (``DATASETS.TRAIN ("imgtxtpairs",)``)."""
+    return ImageTextDataset(build_sources(cfg), build_image_text_transform(cfg),
+                            infinite=infinite, seed=_shared_seed(cfg), rank=rank,
+                            world_size=world_size)
+
+
+def build_image_text_loader(cfg, dataset: Optional[ImageTextDataset] = None) -> DataLoader:
+    """SOLVER.IMS_PER_BATCH split over the processes, DATALOADER.NUM_WORKERS, list batches."""
+    dataset = build_image_text_dataset(cfg) if dataset is None else dataset
+    total, world_size = cfg.SOLVER.IMS_PER_BATCH, get_world_size()
+    if total % world_size:
+        raise ConfigError(f"SOLVER.IMS_PER_BATCH {total} is not divisible by the {world_size} "
+                          "processes")
+    workers = cfg.DATALOADER.NUM_WORKERS
+    return DataLoader(dataset, batch_size=total // world_size, num_workers=workers,
+                      collate_fn=collate_image_text, persistent_workers=workers > 0)
