@@ -26,4 +26,5 @@ setup(
         "numpy",
     ],
     extras_require={"dev": ["pytest"]},
+    entry_points={"console_scripts": ["regionclip=regionclip.cli:main"]},
 )

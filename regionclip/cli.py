@@ -1,0 +1,225 @@
+"""The ``regionclip`` command: detect named classes in images, or embed given regions.
+
+    regionclip detect photos/ street.jpg --classes "cat,traffic cone" \\
+        --weights pretrained_ckpt/regionclip/regionclip_pretrained-cc_rn50.pth \\
+        --out results.json --vis drawn/
+    regionclip embed street.jpg --boxes "10,20,200,180;0,0,50,50" \\
+        --weights pretrained_ckpt/regionclip/regionclip_pretrained-cc_rn50.pth --out regions.pth
+
+Inputs are checked before the model is loaded; the results json is written only once every
+image has been processed, atomically, so a failed run leaves no partial file.
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import List, Sequence
+
+import cv2
+import torch
+
+from .api import Detector
+from .checkpoint import CheckpointError
+from .data.image_io import IMAGE_EXTENSIONS, read_image, read_image_size
+from .evaluation.results import instances_to_coco_json, write_json_atomic
+from .modeling.text_encoder import class_names_from_file
+from .text_cache import check_class_names
+from .visualization import draw_predictions, select_predictions
+
+logger = logging.getLogger("regionclip")
+USER_ERRORS = (OSError, ValueError, CheckpointError)  # reported as one line, exit status 1
+VIS_MAX_BOXES = 25  # as the original's visualize scripts
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model (defaults follow the checkpoint, see MODEL_ZOO.md)")
+    group.add_argument("--weights", required=True, help="RegionCLIP checkpoint (.pth)")
+    group.add_argument("--rpn-weights", help="offline RPN checkpoint (default: the one stored in "
+                       "--weights, or the official one beside it)")
+    group.add_argument("--variant", help="CLIP variant: RN50, RN50x4, ... (default: from weights)")
+    group.add_argument("--config", help="YAML config replacing the checkpoint's official one")
+    group.add_argument("--rpn-config", help="YAML config of the offline RPN")
+    group.add_argument("--text-weights", help="file with the text tower, for fine-tuned weights")
+    group.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: a GPU if present)")
+    group.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="regionclip", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    detect = commands.add_parser("detect", help="detect named classes in images")
+    detect.add_argument("images", nargs="+", help="image files and/or folders of images")
+    names = detect.add_mutually_exclusive_group(required=True)
+    names.add_argument("--classes", help='comma-separated class names, e.g. "cat,traffic cone"')
+    names.add_argument("--vocabulary", help="class names: a text file (one per line) or a "
+                       "COCO/LVIS json")
+    detect.add_argument("--embeddings", help="precomputed [C, D] class embeddings for the names")
+    detect.add_argument("--out", required=True, help="results json (COCO style)")
+    detect.add_argument("--vis", default="", help="folder for the images with drawn detections")
+    detect.add_argument("--score-threshold", type=float, help="replaces the config's threshold")
+    detect.add_argument("--vis-threshold", type=float, default=0.05,
+                        help="minimum score of a drawn detection")
+    detect.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    _model_arguments(detect)
+    embed = commands.add_parser("embed", help="region embeddings of given boxes in an image")
+    embed.add_argument("image")
+    boxes = embed.add_mutually_exclusive_group(required=True)
+    boxes.add_argument("--boxes", help='"x0,y0,x1,y1;x0,y0,x1,y1" in image pixels')
+    boxes.add_argument("--boxes-json", help="json file: [[x0, y0, x1, y1], ...]")
+    embed.add_argument("--out", required=True, help=".pth file: {'boxes', 'embeddings'}")
+    _model_arguments(embed)
+    return parser
+
+
+def parse_classes(text: str) -> List[str]:
+    return check_class_names([name.strip() for name in text.split(",")] if text.strip() else [])
+
+
+def expand_images(paths: Sequence[str]) -> List[str]:
+    """Files as given, folders as their image files (sorted); each checked to be readable."""
+    images = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {path}")
+            images += [os.path.join(path, n) for n in found]
+        elif os.path.isfile(path):
+            images.append(path)
+        else:
+            raise FileNotFoundError(f"image not found: {path}")
+    for path in images:
+        read_image_size(path)  # a file that is not an image fails here, before the model loads
+    return images
+
+
+def parse_boxes(text: str) -> List[List[float]]:
+    boxes = []
+    for index, part in enumerate(p for p in text.split(";") if p.strip()):
+        try:
+            values = [float(v) for v in part.split(",")]
+        except ValueError:
+            values = []
+        if len(values) != 4:
+            raise ValueError(f"--boxes: box {index} {part.strip()!r} is not x0,y0,x1,y1")
+        boxes.append(values)
+    if not boxes:
+        raise ValueError("--boxes: no boxes given")
+    return boxes
+
+
+def read_boxes_json(path: str) -> list:
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid json: {err}") from err
+    boxes = data.get("boxes") if isinstance(data, dict) else data
+    if not isinstance(boxes, list):
+        raise ValueError(f"{path} must hold a list of [x0, y0, x1, y1] boxes")
+    return boxes
+
+
+def load_detector(args) -> Detector:
+    return Detector.from_pretrained(
+        args.weights, args.rpn_weights, args.variant, args.device, config=args.config,
+        rpn_config=args.rpn_config, text_weights=args.text_weights,
+        score_threshold=getattr(args, "score_threshold", None))
+
+
+def coco_document(paths: Sequence[str], names: Sequence[str], results) -> dict:
+    """COCO-style json: images (id -> file), categories (id = vocabulary position + 1) and
+    annotations with scores (boxes xywh in original pixels)."""
+    to_category = {k: k + 1 for k in range(len(names))}
+    annotations = []
+    for image_id, result in enumerate(results, start=1):
+        for ann in instances_to_coco_json(result.to_instances(), image_id, to_category):
+            w, h = ann["bbox"][2:]
+            annotations.append({"id": len(annotations) + 1, **ann, "area": w * h, "iscrowd": 0})
+    return {
+        "images": [{"id": i, "file_name": p, "height": r.image_size[0], "width": r.image_size[1]}
+                   for i, (p, r) in enumerate(zip(paths, results), start=1)],
+        "categories": [{"id": k + 1, "name": n} for k, n in enumerate(names)],
+        "annotations": annotations,
+    }
+
+
+def draw_all(document: dict, folder: str, threshold: float) -> None:
+    os.makedirs(folder, exist_ok=True)
+    names = [c["name"] for c in document["categories"]]
+    per_image = {image["id"]: [] for image in document["images"]}
+    for ann in document["annotations"]:
+        per_image[ann["image_id"]].append(ann)
+    used = set()
+    for image in document["images"]:
+        name = os.path.basename(image["file_name"])
+        name = name if name not in used else f"{image['id']}_{name}"
+        used.add(name)
+        shown = select_predictions(per_image[image["id"]], threshold, unique_boxes=True,
+                                   max_boxes=VIS_MAX_BOXES)
+        canvas = draw_predictions(read_image(image["file_name"], "BGR"), shown, names,
+                                  {k + 1: k for k in range(len(names))})
+        if not cv2.imwrite(os.path.join(folder, name), canvas):
+            raise OSError(f"could not write {os.path.join(folder, name)}")
+
+
+def run_detect(args) -> None:
+    names = parse_classes(args.classes) if args.classes is not None else \
+        class_names_from_file(args.vocabulary)
+    paths = expand_images(args.images)
+    detector = load_detector(args)
+    detector.set_vocabulary(names, embeddings=args.embeddings)
+    results = detector(paths, batch_size=args.batch_size)
+    document = coco_document(paths, names, results)
+    write_json_atomic(document, args.out)
+    logger.info("Wrote %d detections in %d images to %s", len(document["annotations"]),
+                len(paths), args.out)
+    if args.vis:
+        draw_all(document, args.vis, args.vis_threshold)
+        logger.info("Drew the detections into %s", args.vis)
+
+
+def _save_atomic(obj: dict, path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def run_embed(args) -> None:
+    boxes = parse_boxes(args.boxes) if args.boxes is not None else read_boxes_json(args.boxes_json)
+    read_image_size(args.image)
+    embeddings = load_detector(args).embed_regions(args.image, boxes)
+    _save_atomic({"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                  "embeddings": embeddings, "image": args.image}, args.out)
+    logger.info("Wrote %d region embeddings to %s", len(embeddings), args.out)
+
+
+def _setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(levelname)s] %(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+def main(argv: Sequence[str] = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    try:
+        run_detect(args) if args.command == "detect" else run_embed(args)
+    except USER_ERRORS as err:
+        print(f"regionclip {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

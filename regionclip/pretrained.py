@@ -1,0 +1,141 @@
+"""Checkpoint file -> configured, loaded CLIPFastRCNN, with the official defaults.
+
+The config, the offline RPN and the text tower follow from the checkpoint's record in
+:mod:`regionclip.weights` or, for other files, from what the file holds; explicit arguments
+win. Used by :class:`regionclip.api.Detector`.
+"""
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .checkpoint import DETECTRON2, VOCABULARY_KEYS, CheckpointError, load_checkpoint
+from .config import load_config
+from .modeling.build import build_model
+from .weights import (DETECTOR_WEIGHTS, RPN_WEIGHTS, ZERO_SHOT_CONFIG, ZOO_HINT,
+                      CheckpointContents, DetectorWeights, RPNWeights, config_path,
+                      find_companion, inspect_checkpoint, rpn_for_layout)
+
+logger = logging.getLogger("regionclip")
+
+_OFFLINE_PARTS = ("offline_backbone.", "offline_proposal_generator.")
+
+
+def existing_file(path: str, what: str) -> str:
+    """``path`` if it is a file, else FileNotFoundError naming it (and the model zoo)."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return path
+    name = os.path.basename(path)
+    official = " (an official RegionCLIP file)" if name in DETECTOR_WEIGHTS or \
+        name in RPN_WEIGHTS else ""
+    raise FileNotFoundError(f"{what} not found: {path}{official}; {ZOO_HINT}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to build and load a detector."""
+
+    weights: str
+    variant: str
+    config: str  # YAML path
+    rpn: Optional[RPNWeights]  # None: no offline RPN (regions must be given)
+    rpn_weights: str  # "" with an RPN: its weights are in `weights` (offline_* keys)
+    text_weights: str  # "" when no text tower is known
+    overrides: tuple
+
+
+def _rpn_spec(weights: str, rpn_weights: Optional[str], rpn_config: Optional[str],
+              record: Optional[DetectorWeights], contents: CheckpointContents):
+    """(RPNWeights or None, file to load it from or "")."""
+    if rpn_weights:
+        rpn_weights = existing_file(rpn_weights, "RPN checkpoint")
+        rpn = RPN_WEIGHTS.get(os.path.basename(rpn_weights)) or \
+            rpn_for_layout(inspect_checkpoint(rpn_weights).rpn_layout)
+        if rpn is None and not rpn_config:
+            raise ValueError(f"{rpn_weights} holds no RPN (rpn_head.*) of a known layout")
+    elif contents.rpn_layout:  # as the original's zero-shot flow: the RPN in the checkpoint
+        rpn, rpn_weights = rpn_for_layout(contents.rpn_layout), ""
+    else:
+        rpn_weights = find_companion(weights, record.rpn if record else "")
+        rpn = RPN_WEIGHTS.get(record.rpn) if rpn_weights else None
+        if rpn is None and rpn_config:
+            raise ValueError(f"rpn_config {rpn_config} given, but {weights} holds no offline "
+                             "RPN: pass rpn_weights as well")
+    if rpn_config:
+        rpn = RPNWeights(rpn.file_name if rpn else "", rpn_config, rpn.lsj if rpn else False)
+    return rpn, rpn_weights or ""
+
+
+def resolve_spec(weights: str, rpn_weights: Optional[str] = None, variant: Optional[str] = None,
+                 config: Optional[str] = None, rpn_config: Optional[str] = None,
+                 text_weights: Optional[str] = None, overrides: Sequence = ()) -> ModelSpec:
+    """Fill in every unspecified choice from the record or the file's contents."""
+    weights = existing_file(weights, "checkpoint")
+    record = DETECTOR_WEIGHTS.get(os.path.basename(weights))
+    contents = inspect_checkpoint(weights)
+    if contents.format == DETECTRON2:
+        raise ValueError(f"{weights} is a detectron2 RPN checkpoint; pass it as rpn_weights "
+                         "together with a RegionCLIP checkpoint as weights")
+    variant = variant or contents.variant or (record.variant if record else "")
+    if not variant:
+        raise ValueError(f"cannot tell the CLIP variant of {weights} from its tensors; pass "
+                         "variant= (RN50, RN50x4, ...)")
+    rpn, rpn_file = _rpn_spec(weights, rpn_weights, rpn_config, record, contents)
+    if text_weights:
+        text_weights = existing_file(text_weights, "text-tower checkpoint")
+    elif contents.has_text_tower:
+        text_weights = weights
+    else:
+        text_weights = find_companion(weights, record.text_weights if record else "")
+    # The official scripts' additions belong to the official config only.
+    extra = tuple(record.overrides) if record and not config else ()
+    config = config or (record.config if record else ZERO_SHOT_CONFIG)
+    return ModelSpec(weights, variant, config_path(config), rpn, rpn_file, text_weights,
+                     extra + tuple(overrides))
+
+
+def spec_config(spec: ModelSpec, device: str, score_threshold: Optional[float] = None,
+                nms_threshold: Optional[float] = None, max_detections: Optional[int] = None):
+    """The config of ``spec``: its YAML, then the derived choices, then the user's values."""
+    opts = ["MODEL.CLIP.VARIANT", spec.variant, "MODEL.DEVICE", device,
+            "MODEL.CLIP.TEXT_EMB_PATH", "", "MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH", ""]
+    if spec.rpn is not None:
+        opts += ["MODEL.CLIP.CROP_REGION_TYPE", "RPN",
+                 "MODEL.CLIP.OFFLINE_RPN_CONFIG", config_path(spec.rpn.config),
+                 "MODEL.CLIP.OFFLINE_RPN_LSJ_PRETRAINED", spec.rpn.lsj]
+    else:  # regions come from the caller, as the original's ground-truth-box mode
+        opts += ["MODEL.CLIP.CROP_REGION_TYPE", "GT", "MODEL.CLIP.MULTIPLY_RPN_SCORE", False]
+    opts += list(spec.overrides)
+    for key, value in (("MODEL.ROI_HEADS.SCORE_THRESH_TEST", score_threshold),
+                       ("MODEL.ROI_HEADS.NMS_THRESH_TEST", nms_threshold),
+                       ("TEST.DETECTIONS_PER_IMAGE", max_detections)):
+        if value is not None:
+            opts += [key, value]
+    return load_config(spec.config, [str(v) for v in opts])
+
+
+def _check_loaded(report, parts: Sequence[str], what: str, hint: str) -> None:
+    bad = [k for k in report.missing if k.startswith(tuple(parts))]
+    bad += [k for k, _, _ in report.mismatched if k.startswith(tuple(parts))]
+    if bad:
+        raise CheckpointError(f"{report.path} does not fill the {what}: {len(bad)} tensors "
+                              f"missing or of another shape (e.g. {bad[0]}); {hint}")
+
+
+def load_model(spec: ModelSpec, cfg) -> torch.nn.Module:
+    """Build the detector of ``cfg`` and load ``spec``'s weights (eval mode).
+
+    Stored class embeddings are not loaded: the vocabulary is always set by the caller.
+    """
+    model = build_model(cfg)
+    report = load_checkpoint(model, spec.weights, skip_prefixes=VOCABULARY_KEYS)
+    _check_loaded(report, ("backbone.",), "CLIP image trunk", "use a RegionCLIP checkpoint")
+    if spec.rpn is not None and spec.rpn_weights:
+        report = load_checkpoint(model, spec.rpn_weights, offline_rpn=True)
+    if spec.rpn is not None:
+        _check_loaded(report, _OFFLINE_PARTS, f"offline RPN built from {spec.rpn.config}",
+                      "pass the matching rpn_config (and rpn_weights)")
+    return model.eval()
