@@ -174,6 +174,8 @@ def make_state_dict(shapes: Shapes, seed: int = 0, dtype=torch.float32):
             out[key] = torch.randn((), generator=gen, dtype=dtype)
         else:
             out[key] = torch.randn(shape[-1], generator=gen, dtype=dtype).expand(shape)
+        if key.endswith("running_var"):
+            out[key] = out[key].abs() + 0.5  # a valid (positive) variance keeps forwards finite
     return out
 
 

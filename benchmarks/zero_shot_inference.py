@@ -1,0 +1,155 @@
+"""Latency and peak memory of zero-shot inference on one LVIS-sized image.
+
+Setting: the LVIS zero-shot config (CLIP_fast_rcnn_R_50_C4_zsinf.yaml) with the LVIS R50-FPN
+offline RPN, random weights, one 800x1333 image (no resizing), 1203 classes and exactly 1000
+regions. The parts are timed separately, median over --repeats runs after one warm-up:
+
+  rpn       offline RPN proposals with the config's settings (NMS 0.9, top 1000; the count it
+            returned is printed)
+  backbone  the CLIP trunk up to res4
+  head      the region head on 1000 given boxes: RoIAlign, res5 and attention pool per region,
+            the 1203-way classifier, RPN-score fusion, per-class NMS and top-k
+  total     rpn + backbone + head; "cpu s" is the process CPU time of one run (all threads),
+            which, unlike wall time, does not grow when other programs share the cores
+
+Peak memory: on CUDA torch.cuda.max_memory_allocated over the runs; on the CPU the growth of
+the process's peak resident set (ru_maxrss) over the model-loaded baseline.
+
+Usage: python benchmarks/zero_shot_inference.py [--device cpu cuda] [--repeats 3] [--variant RN50]
+"""
+import argparse
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from regionclip.config import load_config
+from regionclip.modeling.build import build_model
+from regionclip.structures import Boxes, Instances
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "LVISv1-InstanceSegmentation"
+IMAGE_HW = (800, 1333)
+NUM_REGIONS = 1000
+PARTS = ("rpn", "backbone", "head")
+
+
+def build(variant: str, device: str):
+    overrides = [
+        "MODEL.CLIP.VARIANT", variant, "MODEL.DEVICE", device,
+        "MODEL.CLIP.CROP_REGION_TYPE", "RPN",
+        "MODEL.CLIP.OFFLINE_RPN_CONFIG", str(CONFIGS / "mask_rcnn_R_50_FPN_1x.yaml"),
+    ]
+    cfg = load_config(str(CONFIGS / "CLIP_fast_rcnn_R_50_C4_zsinf.yaml"), overrides)
+    return build_model(cfg).eval()
+
+
+@torch.no_grad()
+def calibrate_offline_rpn(model, inputs) -> None:
+    """Set every offline norm layer's statistics to those of its input on ``inputs``.
+
+    With random weights the activations of the 50-layer RPN backbone grow to thousands and the
+    RPN returns no finite proposal; this data-dependent initialisation keeps them of order one,
+    so the RPN does its full work (top-k, decoding, NMS) on realistic numbers of boxes.
+    """
+    def set_stats(norm, args):
+        norm.running_mean.copy_(args[0].mean(dim=(0, 2, 3)))
+        norm.running_var.copy_(args[0].var(dim=(0, 2, 3)))
+
+    norms = [m for m in model.offline_backbone.modules() if hasattr(m, "running_var")]
+    handles = [norm.register_forward_pre_hook(set_stats) for norm in norms]
+    model.get_proposals(inputs)
+    for handle in handles:
+        handle.remove()
+
+
+def given_regions(gen: torch.Generator, device) -> Instances:
+    """NUM_REGIONS boxes of 32..400 px inside the image, with positive objectness logits
+    (negative ones would be dropped by the RPN-score fusion and make the head cheaper)."""
+    h, w = IMAGE_HW
+    size = 32 + torch.rand(NUM_REGIONS, 2, generator=gen) * 368
+    corner = torch.rand(NUM_REGIONS, 2, generator=gen) * (torch.tensor([w, h]) - size)
+    boxes = torch.cat([corner, corner + size], dim=1)
+    logits = torch.randn(NUM_REGIONS, generator=gen).abs() * 3
+    return Instances(IMAGE_HW, proposal_boxes=Boxes(boxes.to(device)),
+                     objectness_logits=logits.to(device))
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def run_once(model, inputs, regions, device):
+    """(wall seconds per part, CPU seconds, proposals from the RPN, detections from the head)."""
+    times, cpu_start = [], time.process_time()
+    start = time.perf_counter()
+    proposals = model.get_proposals(inputs)
+    _sync(device)
+    times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    features = model.backbone(model.preprocess_image(inputs).tensor)
+    _sync(device)
+    times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    results = model.roi_heads(features, [regions], model.backbone.layer4,
+                              model.backbone.attnpool)
+    _sync(device)
+    times.append(time.perf_counter() - start)
+    return times, time.process_time() - cpu_start, len(proposals[0]), len(results[0])
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def benchmark(variant: str, device: str, repeats: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    model = build(variant, device)
+    image = torch.randint(0, 256, (3, *IMAGE_HW), generator=gen, dtype=torch.uint8).float()
+    inputs = [{"image": image.to(device), "height": IMAGE_HW[0], "width": IMAGE_HW[1]}]
+    regions = given_regions(gen, device)
+    calibrate_offline_rpn(model, inputs)
+    baseline = _peak_rss_mib()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    run_once(model, inputs, regions, device)  # warm-up: allocator, kernels, thread pools
+    runs = [run_once(model, inputs, regions, device) for _ in range(repeats)]
+    per_part = {part: statistics.median(r[0][i] for r in runs) for i, part in enumerate(PARTS)}
+    if device.startswith("cuda"):
+        memory = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        memory = _peak_rss_mib() - baseline
+    return {**per_part, "total": sum(per_part.values()), "memory": memory,
+            "cpu": statistics.median(r[1] for r in runs), "proposals": runs[-1][2],
+            "detections": runs[-1][3]}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    parser.add_argument("--device", nargs="+", default=default_devices)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--variant", default="RN50", help="CLIP variant, e.g. RN50 or RN50x4")
+    args = parser.parse_args(argv)
+    if any(d.startswith("cuda") for d in args.device) and not torch.cuda.is_available():
+        sys.exit("--device cuda was asked for but no GPU is available")
+
+    print(f"{args.variant} zero-shot inference: one {IMAGE_HW[0]}x{IMAGE_HW[1]} image, "
+          f"{NUM_REGIONS} regions, 1203 classes; median of {args.repeats} runs after a warm-up")
+    header = ("device", "threads", "rpn ms", "backbone ms", "head ms", "total ms", "cpu s",
+              "peak MiB", "proposals", "detections")
+    print("  ".join(f"{h:>11}" for h in header))
+    for device in args.device:
+        r = benchmark(args.variant, device, args.repeats)
+        row = [device, torch.get_num_threads(), *(f"{r[p] * 1000:.0f}" for p in PARTS),
+               f"{r['total'] * 1000:.0f}", f"{r['cpu']:.1f}", f"{r['memory']:.0f}",
+               r["proposals"], r["detections"]]
+        print("  ".join(f"{str(v):>11}" for v in row))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+r"""Region proposals and their CLIP region embeddings for every image of a folder.
+
+    python tools/extract_region_features.py \
+        --config-file configs/LVISv1-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_zsinf.yaml \
+        MODEL.WEIGHTS regionclip_pretrained-cc_rn50.pth \
+        MODEL.CLIP.TEXT_EMB_PATH lvis_1203_cls_emb.pth MODEL.CLIP.CROP_REGION_TYPE RPN \
+        MODEL.CLIP.OFFLINE_RPN_CONFIG \
+        configs/LVISv1-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml \
+        MODEL.CLIP.BB_RPN_WEIGHTS rpn_lvis_866.pth \
+        INPUT_DIR ./datasets/custom_images OUTPUT_DIR ./output/region_feats
+
+Writes ``OUTPUT_DIR/<image name without extension>.pth`` per image (sorted by name): a dict of
+CPU tensors whose rows all describe the same region.
+
+- without a vocabulary (no ``MODEL.CLIP.TEXT_EMB_PATH``): ``boxes`` [N, 4] (the proposals, XYXY
+  in original-image pixels) and ``feats`` [N, D] (unnormalised attention-pool embeddings);
+- with one: the detections after score threshold and per-class NMS: ``boxes``, ``classes`` [N],
+  ``probs`` [N, C+1] (softmax over the vocabulary and background, last; not fused with the RPN
+  score) and ``feats`` of the proposal each detection came from.
+"""
+import os
+import uuid
+from collections import Counter
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+import tqdm
+
+from regionclip.config import load_config
+from regionclip.data.coco import load_image_folder
+from regionclip.data.mapper import build_inference_mapper
+from regionclip.engine.cli import default_argument_parser, setup_logging
+from regionclip.modeling.build import build_model
+from regionclip.modeling.detector import postprocess
+from regionclip.structures import Instances
+from train_net import load_weights  # the sibling tool's weight-loading rules
+
+
+def check_config(cfg) -> None:
+    if cfg.MODEL.META_ARCHITECTURE != "CLIPFastRCNN":
+        raise ValueError(f"region features need MODEL.META_ARCHITECTURE CLIPFastRCNN, got "
+                         f"{cfg.MODEL.META_ARCHITECTURE!r}")
+    if cfg.MODEL.CLIP.CROP_REGION_TYPE != "RPN":
+        raise ValueError("region features are extracted for RPN proposals: set "
+                         "MODEL.CLIP.CROP_REGION_TYPE RPN and MODEL.CLIP.OFFLINE_RPN_CONFIG")
+
+
+def output_paths(records: Sequence[Dict], output_dir: str) -> List[str]:
+    """``output_dir/<stem>.pth`` per image; two images may not share a stem."""
+    stems = [os.path.splitext(os.path.basename(r["file_name"]))[0] for r in records]
+    clashes = sorted(stem for stem, count in Counter(stems).items() if count > 1)
+    if clashes:
+        raise ValueError(f"several images of the input folder share the name(s) {clashes[:5]} "
+                         "(up to the extension); their feature files would overwrite each other")
+    return [os.path.join(output_dir, f"{stem}.pth") for stem in stems]
+
+
+@torch.no_grad()
+def extract(model, batched_input: Dict, with_vocabulary: bool) -> Dict[str, torch.Tensor]:
+    """The output dict (see the module docstring) of one mapped image."""
+    proposals = model.get_proposals([batched_input])
+    images = model.preprocess_image([batched_input])
+    res4 = model.backbone(images.tensor)["res4"]
+    res5, attnpool, heads = model.backbone.layer4, model.backbone.attnpool, model.roi_heads
+    embeddings = heads.embed(res4, [p.proposal_boxes.tensor for p in proposals], res5, attnpool)
+    if with_vocabulary:
+        result = heads.predict(embeddings, proposals, res4, res5)[0]
+        probs = F.softmax(heads.box_predictor(embeddings)[0], dim=-1)
+    else:
+        boxes = proposals[0].proposal_boxes.clone()
+        result = Instances(proposals[0].image_size, pred_boxes=boxes,
+                           proposal_index=torch.arange(len(boxes), device=embeddings.device))
+    # postprocess may drop boxes that become empty at the original size; proposal_index
+    # follows it, so the feature rows stay aligned with the boxes.
+    result = postprocess(result, batched_input["height"], batched_input["width"])
+    index = result.proposal_index
+    output = {"boxes": result.pred_boxes.tensor, "feats": embeddings[index]}
+    if with_vocabulary:
+        output.update(classes=result.pred_classes, probs=probs[index])
+    return {key: value.detach().cpu() for key, value in output.items()}
+
+
+def save_atomic(obj, path: str) -> None:
+    """``torch.save`` to a temporary file in the same folder, then replace ``path``."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                       f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def main(argv=None) -> List[str]:
+    args = default_argument_parser(__doc__.splitlines()[0]).parse_args(argv)
+    cfg = load_config(args.config_file, args.opts)
+    logger = setup_logging()
+    check_config(cfg)
+    records = load_image_folder(cfg.INPUT_DIR)
+    paths = output_paths(records, cfg.OUTPUT_DIR)
+    model = build_model(cfg)
+    load_weights(cfg, model)
+    model.eval()
+    mapper = build_inference_mapper(cfg)
+    clip = cfg.MODEL.CLIP
+    with_vocabulary = bool(clip.TEXT_EMB_PATH or clip.OPENSET_TEST_TEXT_EMB_PATH)
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    for record, path in zip(tqdm.tqdm(records, desc="Region features", unit="image"), paths):
+        save_atomic(extract(model, mapper(record), with_vocabulary), path)
+    logger.info("Wrote region features of %d images to %s", len(records), cfg.OUTPUT_DIR)
+    return paths
+
+
+if __name__ == "__main__":
+    main()
