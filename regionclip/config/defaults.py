@@ -158,6 +158,7 @@ _C.MODEL.CLIP.PRETRAIN_RPN_REGIONS = 0  # offline RPN post-NMS top-k in pretrain
 _C.MODEL.CLIP.PRETRAIN_SAMPLE_REGIONS = 0  # random regions kept per image; 0 = all
 _C.MODEL.CLIP.PRETRAIN_IMG_TXT_LEVEL = True  # add the image-text contrastive loss
 _C.MODEL.CLIP.PRETRAIN_ONLY_EOT = False  # caption embedding from the EOT token (configs: True)
+_C.MODEL.CLIP.PRETRAIN_LOSSES = ("distill", "contrastive", "img_txt")  # losses on (ablations)
 _C.MODEL.CLIP.GATHER_GPUS = False  # all-gather image/caption embeddings across GPUs
 _C.MODEL.CLIP.TEACHER_VARIANT = ""  # teacher CLIP ResNet; "" = from TEACHER_RESNETS_DEPTH
 _C.MODEL.CLIP.TEACHER_RESNETS_DEPTH = 50  # legacy teacher variant flag (200 = RN50x4)
@@ -229,6 +230,7 @@ _C.SOLVER.WARMUP_METHOD = "linear"  # linear or constant
 _C.SOLVER.CHECKPOINT_PERIOD = 5000  # iterations between checkpoints
 _C.SOLVER.IMS_PER_BATCH = 16  # images per step across all GPUs
 _C.SOLVER.REFERENCE_WORLD_SIZE = 0  # GPU count the schedule was written for; 0 = no rescaling
+_C.SOLVER.REFERENCE_IMS_PER_BATCH = 0  # total batch the LR/schedule were written for; 0 = off
 _C.SOLVER.BIAS_LR_FACTOR = 1.0  # LR multiplier for biases
 _C.SOLVER.WEIGHT_DECAY_BIAS = 0.0001  # weight decay of biases (detectron2 v0.4 copy of the default)
 _C.SOLVER.CLIP_GRADIENTS = CfgNode()

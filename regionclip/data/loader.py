@@ -1,10 +1,36 @@
-"""Samplers and DataLoader construction."""
-from typing import Callable, List, Sequence
+"""Samplers, batching and DataLoader construction for training and inference.
 
+Training batches are lists of mapper dicts, ``SOLVER.IMS_PER_BATCH / world size`` per process.
+Their content is a function of the data seed and the iteration only (see ``samplers.py``): a
+loader restarted with :meth:`TrainingLoader.iter_from` at iteration ``k`` yields exactly what an
+uninterrupted one yields from its ``k``-th batch on, whatever the number of workers.
+"""
+import logging
+from itertools import islice
+from typing import Callable, Iterator, List, Optional, Sequence
+
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..engine.launch import get_rank, get_world_size
+from ..engine.launch import all_gather, get_rank, get_world_size
+from .catalog import get_dataset_dicts, get_metadata
+from .samplers import (
+    Item,
+    RepeatFactorTrainingSampler,
+    TrainingSampler,
+    aspect_ratio_groups,
+    batched_items,
+    repeat_factors_from_category_frequency,
+)
+from .train_mapper import build_training_mapper
+
+logger = logging.getLogger("regionclip")
+
+TRAINING_SAMPLERS = ("TrainingSampler", "RepeatFactorTrainingSampler")
+# Separates the augmentation random streams from the sampler's epoch streams.
+_AUGMENTATION_STREAM = 1
+_MAX_SEED = 2 ** 31
 
 
 class MappedDataset(Dataset):
@@ -19,6 +45,24 @@ class MappedDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.mapper(self.records[index])
+
+
+class TrainingDataset(Dataset):
+    """Maps sampler items ``(index, stream position)`` with ``mapper(record, rng)``; the numpy
+    Generator ``rng`` is seeded by (seed, position), so each item's augmentation is fixed."""
+
+    def __init__(self, records: Sequence[dict], mapper: Callable, seed: int):
+        self.records = records
+        self.mapper = mapper
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, item: Item) -> dict:
+        index, position = item
+        rng = np.random.default_rng([self.seed, _AUGMENTATION_STREAM, position])
+        return self.mapper(self.records[index], rng)
 
 
 class InferenceSampler(Sampler):
@@ -52,4 +96,133 @@ def build_test_loader(records: Sequence[dict], mapper: Callable, num_workers: in
         collate_fn=_as_list,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
+    )
+
+
+class TrainingLoader:
+    """Infinite per-process training batches (lists of mapper dicts), restartable.
+
+    Args:
+        records: dataset records.
+        mapper: ``mapper(record, rng) -> dict``.
+        sampler: a :class:`TrainingSampler` (or subclass) over ``records``; its ``seed`` is the
+            data seed (sampling order and augmentations).
+        batch_size: images per batch in this process.
+        group_ids: per-record group (e.g. :func:`aspect_ratio_groups`) that batches must not mix.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(self, records: Sequence[dict], mapper: Callable, sampler: TrainingSampler,
+                 batch_size: int, group_ids: Optional[Sequence[int]] = None,
+                 num_workers: int = 0):
+        self.records = records
+        self.mapper = mapper
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.group_ids = group_ids
+        self.num_workers = num_workers
+
+    def __iter__(self) -> Iterator[List[dict]]:
+        return self.iter_from(0)
+
+    def batches(self, iteration: int = 0) -> Iterator[List[Item]]:
+        """The sampler items of batches ``iteration, iteration + 1, ...``."""
+        if self.group_ids is None:
+            items = self.sampler.items(iteration * self.batch_size)
+            return batched_items(items, self.batch_size)
+        # Grouping keeps partial batches between iterations; replaying the (cheap, index-only)
+        # stream from the start restores them exactly.
+        batches = batched_items(self.sampler.items(), self.batch_size, self.group_ids)
+        return islice(batches, iteration, None)
+
+    def iter_from(self, iteration: int) -> Iterator[List[dict]]:
+        """Mapped batches from batch ``iteration`` on."""
+        seed = self.sampler.seed
+        loader = DataLoader(
+            TrainingDataset(self.records, self.mapper, seed),
+            batch_sampler=self.batches(iteration),
+            num_workers=self.num_workers,
+            collate_fn=_as_list,
+            pin_memory=torch.cuda.is_available(),
+            # worker seeds come from this generator, not from the global torch RNG, so
+            # starting a loader leaves the training's random stream untouched
+            generator=torch.Generator().manual_seed(_worker_base_seed(seed, self.sampler.rank)),
+        )
+        return iter(loader)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.sampler.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.seed = int(state["seed"])
+
+
+def _worker_base_seed(seed: int, rank: int) -> int:
+    """Seed of the workers' global generators: distinct per process (mappers should draw from
+    the ``rng`` they are given, which does not depend on workers at all)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def shared_seed(seed: int) -> int:
+    """``seed`` if non-negative, else one random seed agreed by all processes."""
+    if seed >= 0:
+        return seed
+    return int(all_gather(int(np.random.default_rng().integers(_MAX_SEED)))[0])
+
+
+def training_records(dataset_names: Sequence[str], filter_empty: bool = True,
+                     input_dir: str = "") -> List[dict]:
+    """Records of all ``dataset_names``, which must share one class list; with
+    ``filter_empty`` images without non-crowd annotations are dropped (they teach nothing)."""
+    if not dataset_names:
+        raise ValueError("DATASETS.TRAIN is empty: name at least one training dataset")
+    classes = {name: get_metadata(name).thing_classes for name in dataset_names}
+    if len(set(classes.values())) > 1:
+        raise ValueError(f"DATASETS.TRAIN datasets have different class lists: {classes}")
+    records = [r for name in dataset_names for r in get_dataset_dicts(name, input_dir=input_dir)]
+    if filter_empty:
+        before = len(records)
+        records = [r for r in records
+                   if any(not ann.get("iscrowd", 0) for ann in r.get("annotations", []))]
+        logger.info("Removed %d of %d training images without usable annotations",
+                    before - len(records), before)
+    if not records:
+        raise ValueError(f"No training images left in {tuple(dataset_names)}")
+    return records
+
+
+def build_training_sampler(cfg, records: Sequence[dict], seed: int) -> TrainingSampler:
+    name = cfg.DATALOADER.SAMPLER_TRAIN
+    logger.info("Using training sampler %s", name)
+    if name == "TrainingSampler":
+        return TrainingSampler(len(records), seed=seed)
+    if name == "RepeatFactorTrainingSampler":
+        factors = repeat_factors_from_category_frequency(records, cfg.DATALOADER.REPEAT_THRESHOLD)
+        logger.info("Repeat factors: %.1f images per epoch on average per %d images",
+                    sum(factors), len(records))
+        return RepeatFactorTrainingSampler(factors, seed=seed)
+    raise ValueError(f"DATALOADER.SAMPLER_TRAIN {name!r} is not available; valid names: "
+                     f"{TRAINING_SAMPLERS}")
+
+
+def per_process_batch(total: int, world_size: int) -> int:
+    if total % world_size:
+        raise ValueError(f"SOLVER.IMS_PER_BATCH {total} is not divisible by the number of "
+                         f"processes {world_size}")
+    return total // world_size
+
+
+def build_train_loader(cfg, mapper: Optional[Callable] = None) -> TrainingLoader:
+    """The training loader of ``DATASETS.TRAIN`` (``DATALOADER.*``, ``SOLVER.IMS_PER_BATCH``)."""
+    records = training_records(cfg.DATASETS.TRAIN, cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+                               cfg.INPUT_DIR)
+    seed = shared_seed(cfg.SEED)
+    groups = aspect_ratio_groups(records) if cfg.DATALOADER.ASPECT_RATIO_GROUPING else None
+    return TrainingLoader(
+        records,
+        mapper or build_training_mapper(cfg),
+        build_training_sampler(cfg, records, seed),
+        per_process_batch(cfg.SOLVER.IMS_PER_BATCH, get_world_size()),
+        groups,
+        cfg.DATALOADER.NUM_WORKERS,
     )

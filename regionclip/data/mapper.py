@@ -35,7 +35,7 @@ class InferenceMapper:
 
     def __call__(self, record):
         image = read_image(record["file_name"], self.image_format)
-        _check_size(record, image)
+        check_image_size(record, image)
         height, width = image.shape[:2]
         transform = self.resize.get_transform(height, width)
         image = transform.apply_image(image)
@@ -54,7 +54,7 @@ class InferenceMapper:
         return result
 
 
-def _check_size(record, image):
+def check_image_size(record, image):
     expected = (record.get("height"), record.get("width"))
     if None in expected or expected == image.shape[:2]:
         return

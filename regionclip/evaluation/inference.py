@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from ..engine.launch import get_world_size
+from ..engine.launch import all_gather, get_world_size, is_main_process
 
 logger = logging.getLogger("regionclip")
 
@@ -22,7 +22,8 @@ def inference_on_dataset(model, data_loader, evaluator, log_period_s: float = 10
 
     The model is put in eval mode for the run and its previous mode restored afterwards.
     Progress (count, seconds per image, ETA) is logged at most every ``log_period_s`` seconds
-    and at the end; with several processes each counts its own shard.
+    and at the end; with several processes each counts its own shard, and the predictions of
+    all shards are gathered and evaluated on the main process (the others return ``{}``).
     """
     total = len(data_loader)
     logger.info("Start inference on %d batches (%d processes)", total, get_world_size())
@@ -38,4 +39,17 @@ def inference_on_dataset(model, data_loader, evaluator, log_period_s: float = 10
                 last_log = time.perf_counter()
     finally:
         model.train(was_training)
-    return evaluator.evaluate()
+    return evaluate_gathered(evaluator)
+
+
+def evaluate_gathered(evaluator):
+    """``evaluator.evaluate()`` over the predictions of every process, on the main process.
+
+    Shards are concatenated in rank order, which for contiguous shards is dataset order.
+    """
+    if get_world_size() == 1:
+        return evaluator.evaluate()
+    shards = all_gather(evaluator.predictions)
+    if not is_main_process():
+        return {}
+    return evaluator.evaluate([prediction for shard in shards for prediction in shard])

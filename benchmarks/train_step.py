@@ -1,0 +1,121 @@
+"""Iterations per second and peak memory of RN50 open-vocabulary fine-tuning at batch 2.
+
+Setting: the COCO OVD fine-tuning config (CLIP_fast_rcnn_R_50_C4_ovd.yaml: RN50 trunk frozen up
+to res2, 48 base classes, 512 sampled RoIs per image, focal-scaled loss) with its R50-C4 offline
+RPN (mask_rcnn_R_50_C4_1x_ovd_FSD.yaml), random weights and random class embeddings. Each
+iteration is one full training step of the real loop (``Trainer.run_step``: forward with the
+frozen RPN, losses, backward, SGD step) on 2 synthetic 800x1067 images (COCO's typical size
+after the 800-pixel resize) with 4 ground-truth boxes each. Median over --iters steps after
+--warmup steps.
+
+Peak memory: on CUDA torch.cuda.max_memory_allocated over the timed steps; on the CPU the
+growth of the process's peak resident set (ru_maxrss) over the model-loaded baseline.
+
+Usage: python benchmarks/train_step.py [--device cpu cuda] [--iters 3] [--amp]
+"""
+import argparse
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from regionclip.config import load_config
+from regionclip.engine.trainer import build_trainer
+from regionclip.modeling.build import build_model
+from regionclip.structures import Boxes, Instances
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "COCO-InstanceSegmentation"
+IMAGE_HW = (800, 1067)
+BATCH = 2
+BOXES_PER_IMAGE = 4
+NUM_CLASSES = 48
+
+
+def build(device: str, amp: bool):
+    overrides = [
+        "MODEL.DEVICE", device, "OUTPUT_DIR", "", "SOLVER.AMP.ENABLED", str(amp),
+        "MODEL.CLIP.OFFLINE_RPN_CONFIG", str(CONFIGS / "mask_rcnn_R_50_C4_1x_ovd_FSD.yaml"),
+    ]
+    cfg = load_config(str(CONFIGS / "CLIP_fast_rcnn_R_50_C4_ovd.yaml"), overrides)
+    model = build_model(cfg).train()
+    return build_trainer(cfg, model, data_loader=None, tensorboard=False)
+
+
+def synthetic_batch(gen: torch.Generator, device: str):
+    """BATCH images with BOXES_PER_IMAGE random boxes of 64..400 pixels each."""
+    h, w = IMAGE_HW
+    batch = []
+    for _ in range(BATCH):
+        size = 64 + torch.rand(BOXES_PER_IMAGE, 2, generator=gen) * 336
+        corner = torch.rand(BOXES_PER_IMAGE, 2, generator=gen) * (torch.tensor([w, h]) - size)
+        boxes = torch.cat([corner, corner + size], dim=1)
+        classes = torch.randint(NUM_CLASSES, (BOXES_PER_IMAGE,), generator=gen)
+        image = torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8).float()
+        batch.append({"image": image.to(device), "height": h, "width": w,
+                      "instances": Instances(IMAGE_HW, gt_boxes=Boxes(boxes),
+                                             gt_classes=classes)})
+    return batch
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def benchmark(device: str, iters: int, warmup: int, amp: bool) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    trainer = build(device, amp)
+    batch = synthetic_batch(gen, device)
+    baseline = _peak_rss_mib()
+    for iteration in range(warmup):  # allocator, kernels, thread pools
+        trainer.run_step(iteration, batch)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], {}
+    for iteration in range(warmup, warmup + iters):
+        _sync(device)
+        start = time.perf_counter()
+        losses = trainer.run_step(iteration, batch)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    if device.startswith("cuda"):
+        memory = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        memory = _peak_rss_mib() - baseline
+    return {"step": statistics.median(times), "memory": memory, "losses": losses}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    parser.add_argument("--device", nargs="+", default=default_devices)
+    parser.add_argument("--iters", type=int, default=3, help="timed steps per device")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision (float16 on CUDA, bfloat16 on the CPU)")
+    args = parser.parse_args(argv)
+    if any(d.startswith("cuda") for d in args.device) and not torch.cuda.is_available():
+        sys.exit("--device cuda was asked for but no GPU is available")
+
+    print(f"RN50 COCO OVD fine-tuning step, batch {BATCH} of {IMAGE_HW[0]}x{IMAGE_HW[1]}, "
+          f"AMP {'on' if args.amp else 'off'}; median of {args.iters} steps after "
+          f"{args.warmup} warm-up")
+    header = ("device", "threads", "step ms", "iter/s", "peak MiB", "losses")
+    print("  ".join(f"{h:>9}" for h in header))
+    for device in args.device:
+        r = benchmark(device, args.iters, args.warmup, args.amp)
+        losses = " ".join(f"{k}={v:.3g}" for k, v in sorted(r["losses"].items()))
+        row = [device, torch.get_num_threads(), f"{r['step'] * 1000:.0f}",
+               f"{1 / r['step']:.2f}", f"{r['memory']:.0f}", losses]
+        print("  ".join(f"{str(v):>9}" for v in row))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,386 @@
+"""Solver (parameter groups, LR schedules, clipping, batch scaling) and the training loop
+(checkpoints, resume, metrics, non-finite losses, AMP) on a toy model."""
+import importlib.util
+import logging
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from _data_utils import make_coco_dataset
+from _engine_utils import ToyModel, make_trainer, read_json_lines, record_losses
+from torch import nn
+
+from regionclip.checkpoint import read_checkpoint
+from regionclip.config import get_cfg
+from regionclip.engine.solver import (
+    LRMultiplier,
+    auto_scale_batch,
+    auto_scale_workers,
+    build_gradient_clipper,
+    build_lr_scheduler,
+    build_optimizer,
+    gradient_clipper,
+    lr_multiplier,
+    optimizer_param_groups,
+)
+from regionclip.engine.trainer import last_checkpoint_path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny tensors: thread start-up costs more than the arithmetic on a shared CI machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _lrs(name, max_iter, steps=(), warmup_iters=0, warmup_method="linear", base_lr=0.1,
+         warmup_factor=0.001):
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=base_lr)
+    multiplier = lr_multiplier(name, max_iter, steps, 0.1, warmup_factor, warmup_iters,
+                               warmup_method)
+    scheduler = LRMultiplier(optimizer, multiplier, max_iter)
+    lrs = []
+    for _ in range(max_iter):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_warmup_multistep_schedule():
+    lrs = _lrs("WarmupMultiStepLR", 20, steps=(10, 15), warmup_iters=5)
+    expected = [0.1 * (0.001 + 0.999 * t / 5) if t < 5 else
+                0.1 if t < 10 else 0.01 if t < 15 else 0.001 for t in range(20)]
+    assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_constant_warmup_and_steps_beyond_max_iter(caplog):
+    with caplog.at_level(logging.WARNING, logger="regionclip"):
+        lrs = _lrs("WarmupMultiStepLR", 10, steps=(6, 50), warmup_iters=3,
+                   warmup_method="constant")
+    assert "ignored" in caplog.text
+    expected = [1e-4] * 3 + [0.1] * 3 + [0.01] * 4
+    assert lrs == pytest.approx(expected, rel=1e-9)
+
+
+def test_warmup_cosine_schedule():
+    lrs = _lrs("WarmupCosineLR", 20, warmup_iters=4, warmup_factor=0.01)
+
+    def cosine(t):
+        return 0.5 * (1 + math.cos(math.pi * t / 20))
+
+    expected = [0.1 * (0.01 + (cosine(4) - 0.01) * t / 4) if t < 4 else 0.1 * cosine(t)
+                for t in range(20)]
+    assert lrs == pytest.approx(expected, rel=1e-9)
+
+
+def test_unknown_scheduler_and_clip_type():
+    with pytest.raises(ValueError, match="WarmupCosineLR"):
+        lr_multiplier("Poly", 10)
+    with pytest.raises(ValueError, match="full_model"):
+        gradient_clipper("l1", 1.0)
+
+
+class _NormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+        self.frozen = nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+        self.shared = self.fc  # a module reachable twice: its parameters are grouped once
+
+
+def _hyper(groups):
+    return {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+
+
+def test_param_groups_no_decay_on_norms_and_bias_factors():
+    net = _NormNet()
+    hyper = _hyper(optimizer_param_groups(net, 0.1, 1e-4, 0.0, bias_lr_factor=2.0,
+                                          weight_decay_bias=0.0))
+    assert hyper[id(net.conv.weight)] == (0.1, 1e-4)
+    assert hyper[id(net.fc.weight)] == (0.1, 1e-4)
+    assert hyper[id(net.conv.bias)] == (0.2, 0.0)
+    assert hyper[id(net.bn.weight)] == (0.1, 0.0)
+    assert hyper[id(net.bn.bias)] == (0.1, 0.0)  # a norm layer's bias is a norm parameter
+    assert id(net.frozen.weight) not in hyper and id(net.frozen.bias) not in hyper
+    assert len(hyper) == 6
+
+
+def test_build_optimizer_from_config():
+    cfg = get_cfg()
+    cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.MOMENTUM = 0.02, 5e-4, 0.8
+    net = _NormNet()
+    optimizer = build_optimizer(cfg, net)
+    hyper = _hyper(optimizer.param_groups)
+    assert hyper[id(net.bn.weight)] == (0.02, 0.0)
+    assert hyper[id(net.fc.bias)] == (0.02, cfg.SOLVER.WEIGHT_DECAY_BIAS)
+    assert all(g["momentum"] == 0.8 for g in optimizer.param_groups)
+    cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.WARMUP_FACTOR = 10, 0.5
+    build_lr_scheduler(cfg, optimizer)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+def _params_with_grads(*grads):
+    params = [nn.Parameter(torch.zeros(len(g))) for g in grads]
+    for param, grad in zip(params, grads):
+        param.grad = torch.tensor(grad)
+    return params
+
+
+def test_clip_by_value():
+    params = _params_with_grads([3.0, -0.2], [-4.0])
+    gradient_clipper("value", 1.0)(params)
+    assert params[0].grad.tolist() == pytest.approx([1.0, -0.2])
+    assert params[1].grad.tolist() == [-1.0]
+
+
+def test_clip_each_parameter_norm_separately():
+    params = _params_with_grads([3.0, 4.0], [0.3, 0.4])  # norms 5 and 0.5
+    gradient_clipper("norm", 1.0)(params)
+    assert params[0].grad.tolist() == pytest.approx([0.6, 0.8], rel=1e-5)
+    assert params[1].grad.tolist() == pytest.approx([0.3, 0.4])  # under the limit: unchanged
+
+
+def test_clip_full_model_norm():
+    params = _params_with_grads([3.0, 4.0], [12.0])  # total norm 13
+    gradient_clipper("full_model", 1.0)(params)
+    assert params[0].grad.tolist() == pytest.approx([3 / 13, 4 / 13], rel=1e-5)
+    assert params[1].grad.tolist() == pytest.approx([12 / 13], rel=1e-5)
+
+
+def test_build_gradient_clipper_from_config():
+    cfg = get_cfg()
+    assert build_gradient_clipper(cfg) is None
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE, cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = "norm", 5.0
+    params = _params_with_grads([30.0, 40.0])
+    build_gradient_clipper(cfg)(params)
+    assert params[0].grad.tolist() == pytest.approx([3.0, 4.0], rel=1e-5)
+
+
+def test_auto_scale_workers_linear_rule(caplog):
+    cfg = get_cfg()
+    cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER = 16, 0.02, 90000
+    cfg.SOLVER.STEPS, cfg.SOLVER.WARMUP_ITERS = (60000, 80000), 5000
+    cfg.SOLVER.CHECKPOINT_PERIOD, cfg.TEST.EVAL_PERIOD = 5000, 25000
+    cfg.SOLVER.REFERENCE_WORLD_SIZE = 8
+    cfg.freeze()
+    with caplog.at_level(logging.INFO, logger="regionclip"):
+        scaled = auto_scale_workers(cfg, 2)
+    solver = scaled.SOLVER
+    assert (solver.IMS_PER_BATCH, solver.MAX_ITER, solver.WARMUP_ITERS) == (4, 360000, 20000)
+    assert solver.BASE_LR == pytest.approx(0.005)
+    assert tuple(solver.STEPS) == (240000, 320000)
+    assert (solver.CHECKPOINT_PERIOD, scaled.TEST.EVAL_PERIOD) == (20000, 100000)
+    assert solver.REFERENCE_WORLD_SIZE == 2 and scaled.is_frozen()
+    assert cfg.SOLVER.IMS_PER_BATCH == 16  # the input is not modified
+    assert "Scaling batch and LR by 0.25" in caplog.text
+    assert "total batch 4 (2 per process x 2 processes), base LR 0.005" in caplog.text
+
+
+def test_auto_scale_batch_to_a_reference_batch(caplog):
+    cfg = get_cfg()
+    cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER = 4, 0.002, 90000
+    cfg.SOLVER.STEPS, cfg.SOLVER.WARMUP_ITERS = (60000, 80000), 5000
+    with caplog.at_level(logging.INFO, logger="regionclip"):
+        scaled = auto_scale_batch(cfg, reference_batch=16)
+    solver = scaled.SOLVER
+    assert solver.IMS_PER_BATCH == 4 and solver.BASE_LR == pytest.approx(0.0005)
+    assert (solver.MAX_ITER, solver.WARMUP_ITERS, tuple(solver.STEPS)) == \
+        (360000, 20000, (240000, 320000))
+    assert "differs from the reference batch 16" in caplog.text
+    assert auto_scale_batch(cfg, reference_batch=0).SOLVER.BASE_LR == 0.002
+
+
+def test_auto_scale_workers_off_keeps_config(caplog):
+    cfg = get_cfg()
+    with caplog.at_level(logging.INFO, logger="regionclip"):
+        same = auto_scale_workers(cfg, 4)
+    assert same.SOLVER.BASE_LR == cfg.SOLVER.BASE_LR
+    assert same.SOLVER.MAX_ITER == cfg.SOLVER.MAX_ITER
+    assert "total batch 16 (4 per process x 4 processes)" in caplog.text
+
+
+class _NaNAt(ToyModel):
+    def forward(self, batch):
+        losses = super().forward(batch)
+        if self.calls == 4:
+            losses["loss_mse"] = losses["loss_mse"] * float("nan")
+        return losses
+
+
+def test_non_finite_loss_names_iteration_and_losses(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.module.__class__ = _NaNAt
+    weights = {k: v.clone() for k, v in trainer.module.state_dict().items()}
+    with pytest.raises(FloatingPointError, match=r"iteration 3: total_loss=nan.*loss_mse=nan"):
+        trainer.train()
+    trainer_weights = trainer.module.state_dict()
+    assert not all(torch.equal(weights[k], trainer_weights[k]) for k in weights)
+    assert all(torch.isfinite(v).all() for v in trainer_weights.values())  # no NaN step taken
+
+
+class _Predicting(ToyModel):
+    def forward(self, batch):
+        return [{"instances": None} for _ in batch]
+
+
+def test_model_must_return_loss_dict(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.module.__class__ = _Predicting
+    with pytest.raises(TypeError, match="dict of scalar losses"):
+        trainer.train()
+
+
+def test_metrics_json_tensorboard_and_evaluation(tmp_path):
+    calls = []
+
+    def evaluate(model):
+        calls.append(model.training)
+        return {"toy_val": {"bbox": {"AP": 50.0 + len(calls)}}}
+
+    trainer = make_trainer(tmp_path, max_iter=5, eval_period=2, eval_fn=evaluate,
+                           tensorboard=True)
+    results = trainer.train()
+    assert calls == [False, False, False]  # iterations 2, 4 and the end; in eval mode
+    assert results == {"toy_val": {"bbox": {"AP": 53.0}}}
+    assert trainer.module.training
+    lines = read_json_lines(tmp_path / "metrics.json")
+    train_lines = [line for line in lines if "total_loss" in line]
+    assert [line["iteration"] for line in train_lines] == [0, 1, 2, 3, 4]
+    for line in train_lines:
+        assert {"lr", "time", "data_time", "loss_mse", "loss_l1"} <= set(line)
+        assert line["total_loss"] > 0
+    eval_lines = [line for line in lines if "toy_val/bbox/AP" in line]
+    assert [(line["iteration"], line["toy_val/bbox/AP"]) for line in eval_lines] == \
+        [(1, 51.0), (3, 52.0), (4, 53.0)]
+    events = os.listdir(tmp_path / "tensorboard")
+    assert any(name.startswith("events.out.tfevents") for name in events)
+
+
+def test_checkpoints_are_periodic_bounded_and_complete(tmp_path):
+    trainer = make_trainer(tmp_path, max_iter=8, checkpoint_period=2, keep_checkpoints=2)
+    trainer.train()
+    names = sorted(n for n in os.listdir(tmp_path) if n.endswith(".pth"))
+    assert names == ["model_0000003.pth", "model_0000005.pth", "model_final.pth"]
+    assert last_checkpoint_path(str(tmp_path)) == str(tmp_path / "model_final.pth")
+    state = read_checkpoint(str(tmp_path / "model_0000005.pth"))  # weights_only load
+    assert state["iteration"] == 6
+    assert {"model", "optimizer", "scheduler", "rng", "data"} <= set(state)
+    assert state["scheduler"] == {"base_lrs": [0.05, 0.05], "last_epoch": 6}
+    assert len(state["rng"]) == 1 and {"python", "numpy", "torch"} <= set(state["rng"][0])
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+def _eval_consuming_rng(model):
+    torch.rand(5)  # evaluation must not shift the training's random stream
+    return {}
+
+
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
+    straight = make_trainer(tmp_path / "straight", max_iter=9, checkpoint_period=3,
+                            eval_period=2, eval_fn=_eval_consuming_rng)
+    straight_losses = record_losses(straight)
+    straight.train()
+
+    killed = make_trainer(tmp_path / "resumed", max_iter=9, checkpoint_period=3,
+                          kill_at_call=5, eval_period=2, eval_fn=_eval_consuming_rng)
+    with pytest.raises(RuntimeError, match="killed"):
+        killed.train()
+    torch.manual_seed(123)  # a new process starts with other random states
+    resumed = make_trainer(tmp_path / "resumed", max_iter=9, checkpoint_period=3,
+                           eval_period=2, eval_fn=_eval_consuming_rng, seed=999)
+    assert resumed.resume_or_start(resume=True)
+    assert resumed.start_iter == 3
+    assert resumed.data_loader.sampler.seed == 7  # the data seed comes from the checkpoint
+    resumed_losses = record_losses(resumed)
+    resumed.train()
+
+    assert resumed_losses == pytest.approx(straight_losses[3:], rel=1e-6)
+    for key, value in straight.module.state_dict().items():
+        torch.testing.assert_close(resumed.module.state_dict()[key], value)
+    iterations = [line["iteration"] for line in
+                  read_json_lines(tmp_path / "resumed" / "metrics.json")]
+    assert iterations == list(range(9))  # the killed run's lines after the checkpoint are gone
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path):
+    trainer = make_trainer(tmp_path)
+    assert not trainer.resume_or_start(resume=True)
+    assert trainer.start_iter == 0
+
+
+def test_amp_bfloat16_on_cpu(tmp_path):
+    dtypes = []
+
+    class Recording(ToyModel):
+        def forward(self, batch):
+            dtypes.append(self.head(torch.zeros(1, 4)).dtype)
+            return super().forward(batch)
+
+    trainer = make_trainer(tmp_path, max_iter=3, amp=True)
+    trainer.module.__class__ = Recording
+    losses = record_losses(trainer)
+    trainer.train()
+    assert dtypes == [torch.bfloat16] * 3
+    assert all(math.isfinite(v) for v in losses)
+    assert trainer.scaler is None  # no loss scaling for bfloat16
+    assert trainer.module.head.weight.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# tools/train_net.py with the tiny detector
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def train_net():
+    spec = importlib.util.spec_from_file_location("_train_net_engine_tests",
+                                                  REPO / "tools" / "train_net.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield lambda argv: module.main(module.default_argument_parser().parse_args(argv))
+    logger = logging.getLogger("regionclip")  # the tool attached console and file handlers
+    for handler in list(logger.handlers):
+        handler.close()
+        logger.removeHandler(handler)
+
+
+def test_train_net_trains_evaluates_and_resumes(tmp_path, train_net):
+    json_path, image_dir = make_coco_dataset(tmp_path / "data", num_images=6, image_size=(48, 64))
+    dataset = f'("coco_json:{json_path}:{image_dir}",)'
+
+    def run(output_dir, max_iter, *flags):
+        return train_net([
+            *flags, "--config-file", str(REPO / "configs" / "tests" / "tiny.yaml"),
+            "DATASETS.TRAIN", dataset, "DATASETS.TEST", dataset, "OUTPUT_DIR", str(output_dir),
+            "SOLVER.MAX_ITER", str(max_iter), "SOLVER.CHECKPOINT_PERIOD", "2",
+            "INPUT.MIN_SIZE_TRAIN", "(40, 48, 56)", "SOLVER.BASE_LR", "0.01",
+        ])
+
+    straight = run(tmp_path / "straight", 4)
+    run(tmp_path / "resumed", 2)
+    resumed = run(tmp_path / "resumed", 4, "--resume")
+    assert set(straight) == {f"coco_json:{json_path}:{image_dir}"}
+    assert resumed == straight
+    final = {name: read_checkpoint(str(tmp_path / name / "model_final.pth"))
+             for name in ("straight", "resumed")}
+    assert final["resumed"]["iteration"] == 4
+    for key, value in final["straight"]["model"].items():
+        torch.testing.assert_close(final["resumed"]["model"][key], value)
+    with open(tmp_path / "resumed" / "log.txt") as f:
+        assert "Resumed from" in f.read()
+    lines = read_json_lines(tmp_path / "straight" / "metrics.json")
+    assert {"loss_cls", "loss_box_reg"} <= set(lines[0])
+    evaluated = train_net(["--eval-only", "--config-file",
+                           str(REPO / "configs" / "tests" / "tiny.yaml"),
+                           "MODEL.WEIGHTS", str(tmp_path / "straight" / "model_final.pth"),
+                           "DATASETS.TEST", dataset, "OUTPUT_DIR", str(tmp_path / "eval")])
+    assert evaluated == straight
