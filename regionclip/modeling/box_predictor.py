@@ -5,7 +5,7 @@ a temperature; background is a fixed all-zero embedding, so its logit is always 
 class-agnostic and regressed from the unnormalised embedding, as in the original.
 """
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,8 @@ from torch import nn
 from ..ops import batched_nms
 from ..structures import Boxes, Instances
 from .box_coder import Box2BoxTransform
+from .losses import box_regression_loss, classification_loss
+from .roi_sampling import regression_targets
 from .soft_nms import batched_soft_nms
 
 
@@ -94,6 +96,36 @@ class InferenceSettings:
     box_reg_weights: Tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
 
 
+@dataclass(frozen=True)
+class LossSettings:
+    """Training-loss knobs: MODEL.CLIP.FOCAL_SCALED_LOSS (gamma, 0 = plain or weighted CE) and
+    BG_CLS_LOSS_WEIGHT, MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA / BBOX_REG_LOSS_WEIGHT /
+    BBOX_REG_WEIGHTS."""
+
+    focal_gamma: float = 0.0
+    bg_weight: float = 1.0
+    smooth_l1_beta: float = 0.0
+    box_reg_loss_weight: float = 1.0
+    box_reg_weights: Tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
+
+
+def predictor_losses(logits: torch.Tensor, deltas: torch.Tensor, sampled: List[Instances],
+                     settings: LossSettings) -> Dict[str, torch.Tensor]:
+    """``loss_cls`` and ``loss_box_reg`` of the sampled RoIs of a batch (reference 6.2).
+
+    logits: [R, C + 1] against the training vocabulary (background last); deltas: [R, 4];
+    sampled: per image RoIs with ``gt_classes`` and ``gt_boxes`` (`label_and_sample_proposals`).
+    """
+    classes = torch.cat([s.gt_classes for s in sampled])
+    coder = Box2BoxTransform(weights=settings.box_reg_weights)
+    foreground, targets = regression_targets(sampled, logits.shape[1] - 1, coder)
+    box_loss = box_regression_loss(deltas, targets, foreground, settings.smooth_l1_beta)
+    return {
+        "loss_cls": classification_loss(logits, classes, settings.focal_gamma, settings.bg_weight),
+        "loss_box_reg": box_loss * settings.box_reg_loss_weight,
+    }
+
+
 def predict_probs(logits: torch.Tensor, proposals: List[Instances], fuse_rpn: bool):
     """Softmax over classes + background, optionally fused with the RPN score.
 
@@ -150,8 +182,9 @@ def detect_single_image(
     else:
         keep = batched_nms(cand_boxes, cand_scores, classes, settings.nms_thresh)
         reported = cand_scores[keep]
-    keep = keep[: settings.detections_per_image]
-    reported = reported[: settings.detections_per_image]
+    if settings.detections_per_image >= 0:  # negative keeps all, as detectron2
+        keep = keep[: settings.detections_per_image]
+        reported = reported[: settings.detections_per_image]
     if settings.report_unfused_scores and not settings.soft_nms:
         reported = unfused_scores[rows[keep], classes[keep]]
 

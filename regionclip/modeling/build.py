@@ -5,13 +5,16 @@ from typing import Optional
 import torch
 
 from ..config import check_clip_settings, resolve_clip_variant
-from .box_predictor import InferenceSettings, TextEmbeddingPredictor
+from .box_predictor import InferenceSettings, LossSettings, TextEmbeddingPredictor
 from .clip_resnet import CLIPResNet
 from .clip_variants import CLIPVariant
 from .detector import CLIPFastRCNN
 from .mask_head import MaskHead
 from .offline_rpn import build_offline_rpn, offline_rpn_cfg
+from .pretrainer import LOSS_NAMES, REGION_LOSSES, PretrainFastRCNN
 from .region_head import RegionHead
+from .roi_sampling import RoISampling
+from .rpn_training import build_proposal_network
 from .text_encoder import TextEncoder, load_embeddings
 
 logger = logging.getLogger("regionclip")
@@ -51,6 +54,32 @@ def inference_settings(cfg) -> InferenceSettings:
     )
 
 
+def roi_sampling(cfg) -> RoISampling:
+    heads = cfg.MODEL.ROI_HEADS
+    return RoISampling(
+        batch_size_per_image=heads.BATCH_SIZE_PER_IMAGE,
+        positive_fraction=heads.POSITIVE_FRACTION,
+        iou_thresholds=tuple(heads.IOU_THRESHOLDS),
+        iou_labels=tuple(heads.IOU_LABELS),
+        append_gt=heads.PROPOSAL_APPEND_GT,
+        only_foreground=cfg.MODEL.CLIP.ONLY_SAMPLE_FG_PROPOSALS,
+    )
+
+
+def loss_settings(cfg) -> LossSettings:
+    box_head = cfg.MODEL.ROI_BOX_HEAD
+    if box_head.BBOX_REG_LOSS_TYPE != "smooth_l1":
+        raise ValueError(f"MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE {box_head.BBOX_REG_LOSS_TYPE!r}"
+                         " is not supported; valid: 'smooth_l1'")
+    return LossSettings(
+        focal_gamma=cfg.MODEL.CLIP.FOCAL_SCALED_LOSS,
+        bg_weight=cfg.MODEL.CLIP.BG_CLS_LOSS_WEIGHT,
+        smooth_l1_beta=box_head.SMOOTH_L1_BETA,
+        box_reg_loss_weight=box_head.BBOX_REG_LOSS_WEIGHT,
+        box_reg_weights=tuple(box_head.BBOX_REG_WEIGHTS),
+    )
+
+
 def build_region_head(cfg, variant: CLIPVariant) -> RegionHead:
     clip = cfg.MODEL.CLIP
     num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
@@ -68,7 +97,8 @@ def build_region_head(cfg, variant: CLIPVariant) -> RegionHead:
         mask_head = MaskHead(variant.attnpool_dim, cfg.MODEL.ROI_MASK_HEAD.CONV_DIM,
                              num_mask_classes)
     return RegionHead(predictor, cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION or
-                      variant.pooler_resolution, inference_settings(cfg), mask_head)
+                      variant.pooler_resolution, inference_settings(cfg), mask_head,
+                      sampling=roi_sampling(cfg), loss_settings=loss_settings(cfg))
 
 
 def _pixel_stats(cfg):
@@ -107,7 +137,71 @@ def build_clip_fast_rcnn(cfg) -> CLIPFastRCNN:
     return model
 
 
-META_ARCHITECTURES = {"CLIPFastRCNN": build_clip_fast_rcnn}
+def _pretrain_losses(cfg) -> tuple:
+    """The enabled pretraining losses: MODEL.CLIP.PRETRAIN_LOSSES, less img_txt without
+    PRETRAIN_IMG_TXT_LEVEL and the region losses without CONCEPT_POOL_EMB."""
+    clip = cfg.MODEL.CLIP
+    unknown = set(clip.PRETRAIN_LOSSES) - set(LOSS_NAMES)
+    if unknown:
+        raise ValueError(f"MODEL.CLIP.PRETRAIN_LOSSES has unknown names {sorted(unknown)}; "
+                         f"valid names: {list(LOSS_NAMES)}")
+    losses = tuple(clip.PRETRAIN_LOSSES)
+    if not clip.PRETRAIN_IMG_TXT_LEVEL:
+        losses = tuple(name for name in losses if name != "img_txt")
+    if not clip.CONCEPT_POOL_EMB and any(name in REGION_LOSSES for name in losses):
+        logger.warning("MODEL.CLIP.CONCEPT_POOL_EMB is empty: pretraining without the region "
+                       "losses %s", [name for name in losses if name in REGION_LOSSES])
+        losses = tuple(name for name in losses if name not in REGION_LOSSES)
+    if "img_txt" in losses and not clip.PRETRAIN_ONLY_EOT:
+        raise ValueError("MODEL.CLIP.PRETRAIN_ONLY_EOT False gives one feature per token, which "
+                         "cannot be matched to whole images; set it to True")
+    return losses
+
+
+def build_pretrain_fast_rcnn(cfg) -> PretrainFastRCNN:
+    check_clip_settings(cfg)
+    clip = cfg.MODEL.CLIP
+    student, teacher = resolve_clip_variant(cfg), resolve_clip_variant(cfg, teacher=True)
+    losses, parts = _pretrain_losses(cfg), {}
+    if clip.CROP_REGION_TYPE == "RPN":
+        backbone, generator, offline_input = build_offline_rpn(offline_rpn_cfg(cfg),
+                                                               cfg.INPUT.FORMAT)
+        parts.update(offline_backbone=backbone, offline_proposal_generator=generator,
+                     offline_input=offline_input)
+    if any(name in REGION_LOSSES for name in losses):
+        teacher_pool = clip.TEACHER_CONCEPT_POOL_EMB or clip.CONCEPT_POOL_EMB
+        parts.update(concept_emb=load_embeddings(clip.CONCEPT_POOL_EMB, student.embed_dim),
+                     teacher_concept_emb=load_embeddings(teacher_pool, teacher.embed_dim))
+    if "img_txt" in losses:
+        parts["lang_encoder"] = TextEncoder(student)
+    mean, std = _pixel_stats(cfg)
+    model = PretrainFastRCNN(
+        backbone=CLIPResNet(student, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT),
+        teacher_backbone=CLIPResNet(teacher),
+        pixel_mean=[m / 255.0 for m in mean],  # pretraining images are in [0, 1]
+        pixel_std=[s / 255.0 for s in std],
+        pooler_resolution=cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION or student.pooler_resolution,
+        teacher_pooler_resolution=clip.TEACHER_POOLER_RESOLUTION or teacher.pooler_resolution,
+        losses=losses,
+        sample_regions=clip.PRETRAIN_SAMPLE_REGIONS,
+        concept_thres=clip.CONCEPT_THRES,
+        temperature=clip.CLSS_TEMP,
+        gather=clip.GATHER_GPUS,
+        **parts,
+    )
+    logger.info("Built PretrainFastRCNN: student %s, teacher %s, losses %s", student.name,
+                teacher.name, list(losses))
+    return model
+
+
+META_ARCHITECTURES = {
+    "CLIPFastRCNN": build_clip_fast_rcnn,
+    "PretrainFastRCNN": build_pretrain_fast_rcnn,
+    "ProposalNetwork": build_proposal_network,  # trains an offline RPN (rpn_training.py)
+    # The original's mask_rcnn_* configs: only their RPN is built and trained, for
+    # MODEL.CLIP.BB_RPN_WEIGHTS (the log says so).
+    "GeneralizedRCNN": build_proposal_network,
+}
 
 
 def build_model(cfg) -> torch.nn.Module:

@@ -52,10 +52,29 @@ class CLIPFastRCNN(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
-    def forward(self, batched_inputs: List[Dict]) -> List[Dict]:
+    def forward(self, batched_inputs: List[Dict]):
         """Detections for each input dict (``image`` [3, H, W] 0-255 in the config's format,
-        optional ``height``/``width`` of the original image, ``instances`` for GT proposals)."""
+        optional ``height``/``width`` of the original image, ``instances`` for GT proposals);
+        in training mode the loss dict of `losses`."""
+        if self.training:
+            return self.losses(batched_inputs)
         return self.inference(batched_inputs)
+
+    def losses(self, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
+        """``loss_cls``, ``loss_box_reg`` (and ``loss_mask``) of a training batch.
+
+        Each input needs ``instances`` at the input size with ``gt_boxes``, ``gt_classes``
+        (contiguous training-vocabulary ids) and, with a mask head, ``gt_masks``. Proposals
+        come without gradient from the ground truth or the offline RPN, which stays in eval
+        mode (TEST settings) while the model trains, as in the original.
+        """
+        if any("instances" not in x for x in batched_inputs):
+            raise ValueError("Training needs ground-truth 'instances' in every input")
+        targets = [x["instances"].to(self.device) for x in batched_inputs]
+        proposals = self.get_proposals(batched_inputs)
+        features = self.backbone(self.preprocess_image(batched_inputs).tensor)
+        return self.roi_heads.losses(features, proposals, targets, self.backbone.layer4,
+                                     self.backbone.attnpool)
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
         images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std
@@ -91,12 +110,17 @@ class CLIPFastRCNN(nn.Module):
 
 
 def postprocess(result: Instances, height: int, width: int) -> Instances:
-    """Rescale detections to the original image size; paste masks into it."""
+    """Rescale detections to the original image size; paste masks into it.
+
+    Returns new Instances; the input's boxes are left as they were.
+    """
     scale_x, scale_y = width / result.image_size[1], height / result.image_size[0]
     result = Instances((height, width), **result.get_fields())
+    result.pred_boxes = result.pred_boxes.clone()
     result.pred_boxes.scale(scale_x, scale_y)
     result.pred_boxes.clip((height, width))
     result = result[result.pred_boxes.nonempty()]
     if result.has("pred_masks"):
-        result.pred_masks = paste_masks(result.pred_masks, result.pred_boxes.tensor, (height, width))
+        result.pred_masks = paste_masks(result.pred_masks, result.pred_boxes.tensor,
+                                        (height, width))
     return result

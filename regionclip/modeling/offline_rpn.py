@@ -138,7 +138,7 @@ def _build_resnet_fpn(cfg) -> FPN:
 BACKBONES = {"build_resnet_backbone": _build_resnet, "build_resnet_fpn_backbone": _build_resnet_fpn}
 
 
-def _build_backbone(cfg) -> nn.Module:
+def build_rpn_backbone(cfg) -> nn.Module:
     name = cfg.MODEL.BACKBONE.NAME
     if name not in BACKBONES:
         raise ValueError(f"Offline RPN MODEL.BACKBONE.NAME {name!r} unsupported; valid: "
@@ -146,7 +146,7 @@ def _build_backbone(cfg) -> nn.Module:
     return BACKBONES[name](cfg)
 
 
-def _build_rpn(cfg, shapes: Dict[str, ShapeSpec]) -> RPN:
+def build_rpn_head(cfg, shapes: Dict[str, ShapeSpec]) -> RPN:
     _check_name(cfg.MODEL.PROPOSAL_GENERATOR.NAME, "RPN", "MODEL.PROPOSAL_GENERATOR.NAME")
     _check_name(cfg.MODEL.RPN.HEAD_NAME, "StandardRPNHead", "MODEL.RPN.HEAD_NAME")
     anchors_cfg, rpn = cfg.MODEL.ANCHOR_GENERATOR, cfg.MODEL.RPN
@@ -176,8 +176,8 @@ def build_offline_rpn(rpn_cfg, input_format: str) -> Tuple[nn.Module, RPN, Offli
     be passed to `offline_proposals`. Parameter names are detectron2's (`stem.*`, `res2.*`,
     `bottom_up.*`, `fpn_lateral2.*`, `rpn_head.*`); no anchor buffers are saved.
     """
-    backbone = _build_backbone(rpn_cfg).freeze_all()
-    proposal_generator = _build_rpn(rpn_cfg, backbone.output_shape()).freeze_all()
+    backbone = build_rpn_backbone(rpn_cfg).freeze_all()
+    proposal_generator = build_rpn_head(rpn_cfg, backbone.output_shape()).freeze_all()
     offline_input = OfflineRPNInput(
         input_format=input_format, format=rpn_cfg.INPUT.FORMAT,
         pixel_mean=tuple(rpn_cfg.MODEL.PIXEL_MEAN), pixel_std=tuple(rpn_cfg.MODEL.PIXEL_STD),

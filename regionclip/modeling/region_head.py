@@ -12,9 +12,11 @@ from torch import nn
 
 from ..ops import roi_align
 from ..structures import Instances
-from .box_predictor import InferenceSettings, TextEmbeddingPredictor, detect_single_image
-from .box_predictor import predict_boxes, predict_probs
+from .box_predictor import InferenceSettings, LossSettings, TextEmbeddingPredictor
+from .box_predictor import detect_single_image, predict_boxes, predict_probs, predictor_losses
+from .losses import crop_and_resize_masks, mask_loss
 from .mask_head import MaskHead, attach_mask_probs
+from .roi_sampling import RoISampling, label_and_sample_proposals
 
 
 def pool_regions(
@@ -37,12 +39,16 @@ class RegionHead(nn.Module):
         pooler_resolution: int,
         inference: InferenceSettings,
         mask_head: Optional[MaskHead] = None,
+        sampling: RoISampling = RoISampling(),
+        loss_settings: LossSettings = LossSettings(),
     ):
         super().__init__()
         self.box_predictor = box_predictor
         self.mask_head = mask_head
         self.pooler_resolution = pooler_resolution
         self.inference_settings = inference
+        self.sampling = sampling
+        self.loss_settings = loss_settings
 
     def region_features(self, res4, boxes: List[torch.Tensor], res5: nn.Module):
         """res5 feature maps [R, C5, S/2, S/2] of the given boxes."""
@@ -85,6 +91,50 @@ class RegionHead(nn.Module):
         boxes = [r.pred_boxes.tensor for r in results]
         if sum(len(b) for b in boxes) == 0:
             for r in results:
-                r.pred_masks = res4.new_zeros((0, 1, self.pooler_resolution, self.pooler_resolution))
+                size = self.pooler_resolution
+                r.pred_masks = res4.new_zeros((0, 1, size, size))
             return
         attach_mask_probs(self.mask_head(self.region_features(res4, boxes, res5)), results)
+
+    @property
+    def num_train_classes(self) -> int:
+        """Classes of the training vocabulary; label ``num_train_classes`` is background."""
+        return self.box_predictor.cls_score.weight.shape[0]
+
+    def losses(
+        self,
+        features: Dict[str, torch.Tensor],
+        proposals: List[Instances],
+        targets: List[Instances],
+        res5: nn.Module,
+        attnpool: nn.Module,
+    ) -> Dict[str, torch.Tensor]:
+        """Training losses: ``loss_cls``, ``loss_box_reg`` and, with a mask head, ``loss_mask``.
+
+        targets: per image ``gt_boxes``, ``gt_classes`` (contiguous training ids) and, for the
+        mask loss, ``gt_masks`` (bool [N, H, W] at the input size).
+        """
+        sampled = label_and_sample_proposals(proposals, targets, self.num_train_classes,
+                                             self.sampling)
+        res5_features = self.region_features(
+            features["res4"], [s.proposal_boxes.tensor for s in sampled], res5)
+        logits, deltas = self.box_predictor(attnpool(res5_features))
+        losses = predictor_losses(logits, deltas, sampled, self.loss_settings)
+        if self.mask_head is not None:
+            losses["loss_mask"] = self._mask_loss(res5_features, sampled, targets)
+        return losses
+
+    def _mask_loss(self, res5_features, sampled: List[Instances], targets: List[Instances]):
+        """Mask loss of the foreground RoIs; the mask head sees their res5 maps, as in the
+        original (the input of the attention pool)."""
+        foreground = [(s.gt_classes >= 0) & (s.gt_classes < self.num_train_classes)
+                      for s in sampled]
+        mask_logits = self.mask_head(res5_features[torch.cat(foreground)])
+        crops = []
+        for s, t, fg in zip(sampled, targets, foreground):
+            if not t.has("gt_masks"):
+                raise ValueError("MODEL.MASK_ON training needs gt_masks in every input's instances")
+            crops.append(crop_and_resize_masks(t.gt_masks, s.proposal_boxes.tensor[fg],
+                                               mask_logits.shape[-1], s.gt_index[fg]))
+        classes = torch.cat([s.gt_classes[fg] for s, fg in zip(sampled, foreground)])
+        return mask_loss(mask_logits, torch.cat(crops).to(mask_logits.device), classes)

@@ -2,7 +2,8 @@
 
 Anchors, head and proposal selection reproduce detectron2's `DefaultAnchorGenerator`,
 `StandardRPNHead` and `find_top_rpn_proposals`, so the RPNs of official detectron2 checkpoints
-give the same proposals. Only inference is implemented: RegionCLIP's RPN is frozen.
+give the same proposals. RegionCLIP's offline RPN is frozen; training an RPN (its losses) lives in
+`rpn_training.py` and uses `RPN.head_outputs`.
 """
 import math
 from typing import Dict, List, Sequence, Tuple
@@ -169,7 +170,8 @@ def _select_single_image(boxes, scores, levels, image_size, nms_thresh, post_nms
 
 
 class RPN(Freezable):
-    """detectron2 `RPN` (inference): head on `in_features`, anchors, decoding, selection.
+    """detectron2 `RPN`: head on `in_features`, anchors, decoding, selection (its losses:
+    `rpn_training.py`).
 
     `pre_nms_topk` / `post_nms_topk` are (train, test) pairs chosen by `self.training`.
     """
@@ -192,6 +194,11 @@ class RPN(Freezable):
 
     def forward(self, images: ImageList, features: Dict[str, torch.Tensor]) -> List[Instances]:
         """Proposals (in padded-image coordinates clipped to each image size) per image."""
+        anchors, logits, deltas = self.head_outputs(features)
+        return self.predict_proposals(anchors, logits, deltas, images.image_sizes)
+
+    def head_outputs(self, features: Dict[str, torch.Tensor]):
+        """Per level: anchors (Boxes [Hi*Wi*A, 4]), logits [N, Hi*Wi*A], deltas [N, Hi*Wi*A, 4]."""
         features = [features[f] for f in self.in_features]
         anchors = self.anchor_generator(features)
         logits, deltas = self.rpn_head(features)
@@ -201,7 +208,7 @@ class RPN(Freezable):
             x.view(x.shape[0], -1, BOX_DIM, *x.shape[-2:]).permute(0, 3, 4, 1, 2).flatten(1, -2)
             for x in deltas
         ]
-        return self.predict_proposals(anchors, logits, deltas, images.image_sizes)
+        return anchors, logits, deltas
 
     def predict_proposals(self, anchors: List[Boxes], logits: List[torch.Tensor],
                           deltas: List[torch.Tensor], image_sizes) -> List[Instances]:

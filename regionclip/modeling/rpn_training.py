@@ -1,0 +1,205 @@
+"""Training the offline RPN: anchor labels, the two RPN losses, and `ProposalNetwork`.
+
+RegionCLIP crops the regions of an ordinary detectron2 RPN trained on a dataset's base classes
+(``rpn_coco_48.pth``: R50-C4, ``rpn_lvis_866*.pth``: R50-FPN). Those files came from whole
+Mask R-CNNs (``META_ARCHITECTURE GeneralizedRCNN``), but RegionCLIP only ever uses their
+``backbone.*`` and ``proposal_generator.*`` weights. Training one here therefore builds and
+trains that part alone, as detectron2's ``ProposalNetwork``: its checkpoint has exactly those
+keys and works as ``MODEL.CLIP.BB_RPN_WEIGHTS`` unchanged. The losses are detectron2's: anchors
+matched at IoU (0.3, 0.7) with low-quality matches, 256 anchors per image of which at most half
+positive, sigmoid BCE on objectness and smooth-L1 on the deltas of positive anchors, both
+summed and divided by 256 x images.
+"""
+import logging
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..structures import Boxes, ImageList, Instances, pairwise_iou
+from .box_coder import Box2BoxTransform
+from .losses import smooth_l1_loss
+from .matcher import IGNORE, NEGATIVE, POSITIVE, Matcher, subsample_labels
+from .offline_rpn import OfflineRPNInput, build_rpn_backbone, build_rpn_head
+from .rpn import RPN
+
+logger = logging.getLogger("regionclip")
+
+# Config META_ARCHITECTUREs whose RPN part `build_proposal_network` builds.
+RPN_ARCHITECTURES = ("ProposalNetwork", "GeneralizedRCNN")
+SUPPORTED_BOX_LOSS = "smooth_l1"
+
+
+@dataclass(frozen=True)
+class RPNTraining:
+    """Anchor labelling and loss settings (``MODEL.RPN.*``).
+
+    boundary_thresh: anchors reaching further than this outside the image are ignored; < 0
+    keeps all. objectness_weight = LOSS_WEIGHT, box_weight = LOSS_WEIGHT x BBOX_REG_LOSS_WEIGHT.
+    """
+
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    iou_thresholds: Tuple[float, ...] = (0.3, 0.7)
+    iou_labels: Tuple[int, ...] = (0, -1, 1)
+    boundary_thresh: float = -1.0
+    smooth_l1_beta: float = 0.0
+    objectness_weight: float = 1.0
+    box_weight: float = 1.0
+
+    def matcher(self) -> Matcher:
+        return Matcher(self.iou_thresholds, self.iou_labels, allow_low_quality_matches=True)
+
+
+def _inside_image(anchors: torch.Tensor, image_size, thresh: float) -> torch.Tensor:
+    height, width = image_size
+    return ((anchors[:, 0] >= -thresh) & (anchors[:, 1] >= -thresh)
+            & (anchors[:, 2] < width + thresh) & (anchors[:, 3] < height + thresh))
+
+
+def _subsample(labels: torch.Tensor, settings: RPNTraining) -> torch.Tensor:
+    """Keep a random balanced subset of labelled anchors; the rest become ignored (-1)."""
+    pos, neg = subsample_labels(labels, settings.batch_size_per_image, settings.positive_fraction,
+                                NEGATIVE)
+    out = torch.full_like(labels, IGNORE)
+    out[pos] = POSITIVE
+    out[neg] = NEGATIVE
+    return out
+
+
+@torch.no_grad()
+def label_anchors(anchors: Boxes, gt_boxes: Boxes, image_size,
+                  settings: RPNTraining) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sampled labels [A] (1 object, 0 background, -1 ignored) and matched gt boxes [A, 4].
+
+    anchors: all levels' anchors of one image; gt_boxes: that image's boxes.
+    """
+    matched_idxs, labels = settings.matcher()(pairwise_iou(gt_boxes, anchors))
+    if settings.boundary_thresh >= 0:
+        labels[~_inside_image(anchors.tensor, image_size, settings.boundary_thresh)] = IGNORE
+    labels = _subsample(labels, settings)
+    if len(gt_boxes) == 0:
+        return labels, torch.zeros_like(anchors.tensor)
+    return labels, gt_boxes.tensor[matched_idxs]
+
+
+def rpn_losses(anchors: Boxes, logits: torch.Tensor, deltas: torch.Tensor, labels: torch.Tensor,
+               matched_boxes: torch.Tensor, box_coder: Box2BoxTransform,
+               settings: RPNTraining) -> Dict[str, torch.Tensor]:
+    """``loss_rpn_cls`` and ``loss_rpn_loc`` of a batch.
+
+    anchors: [A] shared by all images; logits: [N, A]; deltas: [N, A, 4]; labels: [N, A] from
+    `label_anchors`; matched_boxes: [N, A, 4]. Both sums are divided by
+    batch_size_per_image x N, as detectron2 (not by the anchors actually sampled).
+    """
+    positive = labels == POSITIVE
+    valid = labels >= 0
+    anchor_idx = positive.nonzero()[:, 1]
+    targets = box_coder.get_deltas(anchors.tensor[anchor_idx], matched_boxes[positive])
+    box_loss = smooth_l1_loss(deltas[positive], targets, settings.smooth_l1_beta)
+    objectness_loss = F.binary_cross_entropy_with_logits(
+        logits[valid], labels[valid].to(logits.dtype), reduction="sum")
+    normalizer = settings.batch_size_per_image * labels.shape[0]
+    return {"loss_rpn_cls": objectness_loss / normalizer * settings.objectness_weight,
+            "loss_rpn_loc": box_loss / normalizer * settings.box_weight}
+
+
+def rescale_proposals(proposals: Instances, height: int, width: int) -> Instances:
+    """Proposals in the original image's pixels (detectron2's ``detector_postprocess``)."""
+    scale_x, scale_y = width / proposals.image_size[1], height / proposals.image_size[0]
+    result = Instances((height, width), **proposals.get_fields())
+    result.proposal_boxes = result.proposal_boxes.clone()
+    result.proposal_boxes.scale(scale_x, scale_y)
+    result.proposal_boxes.clip((height, width))
+    return result[result.proposal_boxes.nonempty()]
+
+
+class ProposalNetwork(nn.Module):
+    """A detectron2 backbone + RPN, trained alone (detectron2's ``ProposalNetwork``).
+
+    Parameter names are ``backbone.*`` and ``proposal_generator.*``, those of the offline RPN
+    files. Training mode returns ``{"loss_rpn_cls", "loss_rpn_loc"}``; eval mode returns
+    ``[{"proposals": Instances}]`` at each input's ``height`` x ``width``.
+    """
+
+    def __init__(self, *, backbone: nn.Module, proposal_generator: RPN,
+                 input_normalization: OfflineRPNInput, settings: RPNTraining):
+        """input_normalization: pixel mean/std and channel order, shared with the offline-RPN
+        path so a trained RPN sees identically normalised images when it is used there."""
+        super().__init__()
+        self.backbone = backbone
+        self.proposal_generator = proposal_generator
+        self.input_normalization = input_normalization
+        self.training_settings = settings
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.proposal_generator.parameters()).device
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        images = [self.input_normalization.normalize(x["image"].to(self.device))
+                  for x in batched_inputs]
+        return ImageList.from_tensors(images, self.backbone.size_divisibility)
+
+    def forward(self, batched_inputs: List[Dict]):
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        if self.training:
+            return self.losses(images, features, batched_inputs)
+        proposals = self.proposal_generator(images, features)
+        return [{"proposals": rescale_proposals(p, x.get("height", p.image_size[0]),
+                                                x.get("width", p.image_size[1]))}
+                for p, x in zip(proposals, batched_inputs)]
+
+    def losses(self, images: ImageList, features: Dict[str, torch.Tensor],
+               batched_inputs: Sequence[Dict]) -> Dict[str, torch.Tensor]:
+        if any("instances" not in x for x in batched_inputs):
+            raise ValueError("Training an RPN needs 'instances' with gt_boxes in every input")
+        anchors, logits, deltas = self.proposal_generator.head_outputs(features)
+        anchors = Boxes.cat(anchors)
+        labelled = [label_anchors(anchors, x["instances"].gt_boxes.to(self.device), size,
+                                  self.training_settings)
+                    for x, size in zip(batched_inputs, images.image_sizes)]
+        labels, matched = (torch.stack(t) for t in zip(*labelled))
+        return rpn_losses(anchors, torch.cat(logits, dim=1), torch.cat(deltas, dim=1), labels,
+                          matched, self.proposal_generator.box2box_transform,
+                          self.training_settings)
+
+
+def rpn_training_settings(cfg) -> RPNTraining:
+    rpn = cfg.MODEL.RPN
+    if rpn.BBOX_REG_LOSS_TYPE != SUPPORTED_BOX_LOSS:
+        raise ValueError(f"MODEL.RPN.BBOX_REG_LOSS_TYPE {rpn.BBOX_REG_LOSS_TYPE!r} is not "
+                         f"supported; valid: {SUPPORTED_BOX_LOSS!r}")
+    return RPNTraining(
+        batch_size_per_image=rpn.BATCH_SIZE_PER_IMAGE, positive_fraction=rpn.POSITIVE_FRACTION,
+        iou_thresholds=tuple(rpn.IOU_THRESHOLDS), iou_labels=tuple(rpn.IOU_LABELS),
+        boundary_thresh=rpn.BOUNDARY_THRESH, smooth_l1_beta=rpn.SMOOTH_L1_BETA,
+        objectness_weight=rpn.LOSS_WEIGHT, box_weight=rpn.LOSS_WEIGHT * rpn.BBOX_REG_LOSS_WEIGHT,
+    )
+
+
+def build_proposal_network(cfg) -> ProposalNetwork:
+    """The backbone + RPN of a detectron2 RPN or Mask R-CNN config, trainable.
+
+    A ``GeneralizedRCNN`` config (the original's ``mask_rcnn_*`` files) gets its RPN part only:
+    its ROI box and mask heads are not built, because RegionCLIP uses only the RPN.
+    """
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch not in RPN_ARCHITECTURES:
+        raise ValueError(f"An RPN can be built from META_ARCHITECTURE {RPN_ARCHITECTURES}, "
+                         f"not {arch!r}")
+    if arch != "ProposalNetwork" or cfg.MODEL.MASK_ON:
+        logger.info("Building only the RPN (backbone + proposal_generator) of this %s config: "
+                    "RegionCLIP uses only the RPN of such a detector (MODEL.CLIP.BB_RPN_WEIGHTS)"
+                    ", so its ROI box and mask heads are neither built nor trained", arch)
+    backbone = build_rpn_backbone(cfg)
+    generator = build_rpn_head(cfg, backbone.output_shape())
+    normalization = OfflineRPNInput(
+        input_format=cfg.INPUT.FORMAT, format=cfg.INPUT.FORMAT,
+        pixel_mean=tuple(cfg.MODEL.PIXEL_MEAN), pixel_std=tuple(cfg.MODEL.PIXEL_STD),
+    )
+    return ProposalNetwork(backbone=backbone, proposal_generator=generator,
+                           input_normalization=normalization, settings=rpn_training_settings(cfg))
