@@ -30,7 +30,9 @@ def _random_trunk(seed=0) -> CLIPResNet:
     """The tiny CLIP trunk with random frozen-BN statistics (open_clip zero-initialises some
     BN scales) and attention pool drawn from `seed`, so that every layer shapes the embeddings
     and tests do not depend on the global random state."""
-    trunk = CLIPResNet(TINY).eval()
+    with torch.random.fork_rng():  # conv weights from `seed`, global stream untouched
+        torch.manual_seed(seed)
+        trunk = CLIPResNet(TINY).eval()
     gen = _gen(seed)
     for param in trunk.attnpool.parameters():
         param.data.copy_(torch.randn(param.shape, generator=gen) / param.shape[-1] ** 0.5)
