@@ -19,6 +19,9 @@ from .mask_head import MaskHead, attach_mask_probs
 from .roi_sampling import RoISampling, label_and_sample_proposals
 
 
+INFERENCE_CHUNK = 128  # regions per res5 pass at inference
+
+
 def pool_regions(
     res4: torch.Tensor, boxes: List[torch.Tensor], resolution: int, stride: int = 16
 ) -> torch.Tensor:
@@ -55,8 +58,16 @@ class RegionHead(nn.Module):
         return res5(pool_regions(res4, boxes, self.pooler_resolution))
 
     def embed(self, res4, boxes: List[torch.Tensor], res5: nn.Module, attnpool: nn.Module):
-        """Unnormalised region embeddings [R, D] of the given boxes."""
-        return attnpool(self.region_features(res4, boxes, res5))
+        """Unnormalised region embeddings [R, D] of the given boxes.
+
+        Without gradients, regions go through res5 in chunks: the res5 activations of a
+        thousand RN50x4 regions alone would take gigabytes.
+        """
+        pooled = pool_regions(res4, boxes, self.pooler_resolution)
+        if torch.is_grad_enabled():
+            return attnpool(res5(pooled))
+        chunks = pooled.split(INFERENCE_CHUNK) if len(pooled) else [pooled]
+        return torch.cat([attnpool(res5(chunk)) for chunk in chunks])
 
     def forward(
         self,
