@@ -1,11 +1,19 @@
 #!/usr/bin/env python3
-"""Evaluate RegionCLIP detectors, with detectron2's command line.
+"""Train and evaluate RegionCLIP detectors, with detectron2's command line.
 
+    python3 tools/train_net.py --num-gpus 1 --config-file CONFIG [--resume] [KEY VALUE ...]
     python3 tools/train_net.py --eval-only --num-gpus 1 --config-file CONFIG [KEY VALUE ...]
+    torchrun --nproc_per_node 8 tools/train_net.py --config-file CONFIG [KEY VALUE ...]
 
-Loads ``MODEL.WEIGHTS``, then (with RPN proposals) the offline RPN weights of
-``MODEL.CLIP.BB_RPN_WEIGHTS``; runs inference on every dataset of ``DATASETS.TEST`` and
-writes ``OUTPUT_DIR/inference/{coco,lvis}_instances_results.json`` plus the metrics.
+Both load ``MODEL.WEIGHTS``, then (with RPN proposals) the offline RPN weights of
+``MODEL.CLIP.BB_RPN_WEIGHTS``. Training runs on ``DATASETS.TRAIN`` (catalog names, or
+``coco_json:<json>:<image_dir>`` for a COCO-format dataset of your own; image-caption data
+for ``PretrainFastRCNN`` configs, see ``regionclip/engine/pretraining.py``), writes checkpoints,
+``metrics.json`` and TensorBoard files to ``OUTPUT_DIR`` and evaluates every
+``TEST.EVAL_PERIOD`` iterations and at the end; ``--resume`` continues from the last checkpoint
+in ``OUTPUT_DIR`` instead of loading the initial weights. Evaluation runs inference on every
+dataset of ``DATASETS.TEST`` and writes ``OUTPUT_DIR/inference/{coco,lvis}_instances_results.json``
+plus the metrics.
 """
 import json
 import logging
@@ -13,10 +21,13 @@ import os
 
 from regionclip.checkpoint import VOCABULARY_KEYS, load_checkpoint
 from regionclip.data.catalog import get_dataset_dicts, get_metadata
-from regionclip.data.loader import build_test_loader
+from regionclip.data.loader import build_test_loader, build_train_loader
 from regionclip.data.mapper import build_inference_mapper
 from regionclip.engine.cli import default_argument_parser, setup
-from regionclip.engine.launch import is_main_process, launch
+from regionclip.engine.launch import get_world_size, is_main_process, launch
+from regionclip.engine.pretraining import build_pretrain_loader, is_pretraining, zero_shot_eval_fn
+from regionclip.engine.solver import auto_scale_batch, auto_scale_workers
+from regionclip.engine.trainer import build_trainer, last_checkpoint_path
 from regionclip.evaluation import build_evaluator
 from regionclip.evaluation.inference import inference_on_dataset
 from regionclip.evaluation.results import write_json_atomic
@@ -42,7 +53,10 @@ def load_weights(cfg, model) -> None:
 
 
 def check_vocabulary(model, dataset_name: str) -> None:
-    """The classifier must score exactly the dataset's classes, in its order."""
+    """The classifier (of the model's current mode) must score exactly the dataset's classes,
+    in its order. Models without one (an RPN alone) score no classes."""
+    if not hasattr(model, "roi_heads"):
+        return
     num_dataset = len(get_metadata(dataset_name).thing_classes)
     num_model = model.roi_heads.box_predictor.num_classes
     if num_dataset != num_model:
@@ -70,13 +84,34 @@ def test(cfg, model) -> dict:
     return results
 
 
+def train(cfg, model, resume: bool = False) -> dict:
+    """Train ``model`` on ``DATASETS.TRAIN``; returns the last evaluation's results."""
+    model.train()
+    if is_pretraining(cfg):
+        loader, eval_fn = build_pretrain_loader(cfg), zero_shot_eval_fn(cfg, test)
+    else:
+        for name in cfg.DATASETS.TRAIN:
+            check_vocabulary(model, name)
+        loader, eval_fn = build_train_loader(cfg), lambda module: test(cfg, module)
+    if not (resume and last_checkpoint_path(cfg.OUTPUT_DIR)):
+        load_weights(cfg, model)
+    trainer = build_trainer(cfg, model, loader, eval_fn=eval_fn)
+    trainer.resume_or_start(resume)
+    return trainer.train()
+
+
 def main(args):
     cfg = setup(args)
-    if not args.eval_only:
-        raise SystemExit("Only --eval-only is available in this version of regionclip.")
     model = build_model(cfg)
-    load_weights(cfg, model)
-    return test(cfg, model)
+    if args.eval_only:
+        load_weights(cfg, model)
+        return test(cfg, model)
+    if cfg.SOLVER.REFERENCE_WORLD_SIZE and cfg.SOLVER.REFERENCE_IMS_PER_BATCH:
+        raise ValueError("Set SOLVER.REFERENCE_WORLD_SIZE or SOLVER.REFERENCE_IMS_PER_BATCH, not "
+                         "both: each rescales the LR and schedule on its own")
+    cfg = auto_scale_workers(cfg, get_world_size())
+    cfg = auto_scale_batch(cfg, cfg.SOLVER.REFERENCE_IMS_PER_BATCH, get_world_size())
+    return train(cfg, model, resume=args.resume)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Each record is ``{"image": float [3, H, W] in [0, 1] RGB after the transforms, "captions":
 list of at most 5 str, "tokens": long [n_captions, 77], "height", "width": the decoded image's
-size before the transforms, "key": str}``; ``collate_image_text`` batches records as a list.
+size before the transforms, "key": str, "stream_position": (split, epoch, draws)}``;
+``collate_image_text`` batches records as a list.
 
 Caption choice: the dataset keeps all captions; the model draws one per image per step, as the
 original's PretrainFastRCNN did, with ``choose_captions``, which uses each image's own caption
@@ -14,6 +15,13 @@ all processes, and split ``rank * num_workers + worker_id`` takes every
 ``(world_size * num_workers)``-th unit. A source with fewer shards than splits has each shard
 cut into interleaved parts (sample ordinal modulo the number of parts), so every split gets
 work and no sample is read twice in an epoch. Samples from shards pass a shuffle buffer.
+Each sample's random choices (tags, flip) come from a generator seeded by (seed, epoch, unit,
+sample in unit), the buffer's from (seed, epoch, split).
+
+Resuming (``ImageTextLoader``): a split's stream is a function of the seed and the layout
+(processes x workers) only, so the position (epoch, draws) of every split is all a checkpoint
+needs. A resumed split skips its epoch's first draws without reading them (TSV and jsonl) or
+replays them without decoding any image (tar shards, through the shuffle buffer).
 
 Skipping: a missing or undecodable image, an item without captions, or an unreadable shard is
 skipped and counted in ``skipped`` (shared memory, so the counts of DataLoader workers show in
@@ -24,7 +32,8 @@ import io
 import logging
 import math
 import random
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from itertools import islice
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -110,6 +119,11 @@ class ImageTextDataset(IterableDataset):
     ``infinite`` repeats epochs forever (training); otherwise one pass. ``seed`` must be equal
     in all processes: it orders the units. ``rank``/``world_size`` default to
     ``regionclip.engine.launch``'s.
+
+    Resuming: every record carries ``stream_position`` (split, epoch, draws), the position of
+    its split's stream just after it (draws count skipped samples too). ``start_positions``
+    ({split: (epoch, draws)}) makes each split continue from there, and ``worker_offset``
+    shifts which DataLoader worker serves which split (see :class:`ImageTextLoader`).
     """
 
     def __init__(self, sources: Sequence, transform: Callable, *, shuffle: bool = True,
@@ -125,6 +139,8 @@ class ImageTextDataset(IterableDataset):
         self.world_size = get_world_size() if world_size is None else world_size
         self.shuffle_buffer, self.max_captions = shuffle_buffer, max_captions
         self.log_period, self.context_length = log_period, context_length
+        self.start_positions: Dict[int, Tuple[int, int]] = {}
+        self.worker_offset = 0
         self._counts = torch.zeros(_COUNTER_SLOTS, len(SKIP_REASONS), dtype=torch.int64)
         self._counts.share_memory_()
 
@@ -136,29 +152,33 @@ class ImageTextDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        split, num_splits = self.rank * num_workers + worker_id, self.world_size * num_workers
+        # Batches go to the workers in turn; a loader resumed at batch k shifts the workers so
+        # that its worker w continues the stream that delivered batch k + w before.
+        split = self.rank * num_workers + (worker_id + self.worker_offset) % num_workers
+        num_splits = self.world_size * num_workers
         slot = worker_id % _COUNTER_SLOTS
         blocks = self._unit_blocks(num_splits)
-        rng = random.Random(f"{self.seed}/{split}")
-        epoch = 0
+        epoch, start = self.start_positions.get(split, (0, 0))
         while True:
             units = self._split_units(blocks, epoch, split, num_splits)
             if len(units) == 0:
                 logger.warning("Image-text split %d of %d has no data", split, num_splits)
                 return
             produced = read = 0
-            for raw in self._raw_samples(blocks, units, rng, slot):
+            for drawn, (raw, rng) in enumerate(
+                    self._epoch_samples(blocks, units, epoch, split, slot, start), start + 1):
                 read += 1
                 record = self._record(raw, rng, slot)
                 if record is not None:
                     produced += 1
+                    record["stream_position"] = (split, epoch, drawn)
                     yield record
-            if produced == 0:
+            if produced == 0 and start == 0:
                 self._raise_or_stop(read, split, num_splits)
                 return
             if not self.infinite:
                 return
-            epoch += 1
+            epoch, start = epoch + 1, 0
 
     def _unit_blocks(self, num_splits: int) -> List[tuple]:
         """(source, number of units, parts per shard) per source."""
@@ -182,25 +202,39 @@ class ImageTextDataset(IterableDataset):
         generator = torch.Generator().manual_seed(self.seed + epoch)
         return torch.randperm(total, generator=generator)[split::num_splits].contiguous()
 
-    def _raw_samples(self, blocks, units, rng, slot) -> Iterator[RawSample]:
+    def _epoch_samples(self, blocks, units, epoch: int, split: int, slot: int,
+                       start: int) -> Iterator[Tuple[RawSample, random.Random]]:
+        """(sample, its random generator) of one epoch of a split, from draw ``start`` on."""
+        if all(source.indexed for source, _, _ in blocks):
+            # one sample per unit and no shuffle buffer: skipped draws are never read
+            return self._unit_stream(blocks, units[start:], epoch, slot)
+        samples = self._unit_stream(blocks, units, epoch, slot)
+        if self.shuffle and self.shuffle_buffer > 1:
+            buffer_rng = random.Random(f"{self.seed}/{epoch}/{split}/buffer")
+            samples = _buffer_shuffle(samples, self.shuffle_buffer, buffer_rng)
+        # the buffer's order depends on everything read before: replay it, decoding nothing
+        return islice(samples, start, None)
+
+    def _unit_stream(self, blocks, units, epoch: int, slot: int) -> Iterator:
         starts = torch.tensor([0] + [count for _, count, _ in blocks]).cumsum(0)
         block_ids = torch.searchsorted(starts, units, right=True) - 1
-        samples = (sample for unit, block in zip(units.tolist(), block_ids.tolist())
-                   for sample in self._unit_samples(blocks[block], unit - int(starts[block]),
-                                                    rng, slot))
-        streamed = any(not source.indexed for source, _, _ in blocks)
-        if self.shuffle and streamed and self.shuffle_buffer > 1:
-            return _buffer_shuffle(samples, self.shuffle_buffer, rng)
-        return samples
+        return (sample for unit, block in zip(units.tolist(), block_ids.tolist())
+                for sample in self._unit_samples(blocks[block], unit - int(starts[block]),
+                                                 f"{self.seed}/{epoch}/{unit}", slot))
 
-    def _unit_samples(self, block, unit: int, rng, slot) -> Iterator[RawSample]:
+    def _unit_samples(self, block, unit: int, seed: str, slot: int) -> Iterator:
+        # Each sample draws from its own generator, seeded by where it sits in the data, so
+        # its captions and flip do not depend on what was read or skipped before it.
         source, _, parts = block
         if source.indexed:
-            yield source.read(unit, rng)
+            rng = random.Random(f"{seed}/0")
+            yield source.read(unit, rng), rng
             return
         shard, part = divmod(unit, parts)
         try:
-            yield from source.iter_shard(shard, rng, part, parts)
+            samples = source.iter_shard(shard, random.Random(seed), part, parts)
+            for index, raw in enumerate(samples):
+                yield raw, random.Random(f"{seed}/{index}")
         except ShardReadError as error:
             self._skip("shard", source.shards[shard], error, slot)
 
@@ -319,13 +353,83 @@ def build_image_text_dataset(cfg, infinite: bool = True, rank: Optional[int] = N
                             world_size=world_size)
 
 
-def build_image_text_loader(cfg, dataset: Optional[ImageTextDataset] = None) -> DataLoader:
+class ImageTextLoader:
+    """Infinite per-process batches (lists of records) of an :class:`ImageTextDataset`, which
+    the trainer resumes exactly: ``state_dict`` holds the stream position of every split of
+    every process at the last batch drawn, ``iter_from(iteration)`` continues from there.
+
+    With several processes the positions are all-gathered after every batch (a few bytes), as
+    the trainer saves the data state of the main process only. A checkpoint of another layout
+    (number of processes or workers) cannot be continued exactly: the data starts a new epoch.
+    """
+
+    def __init__(self, dataset: ImageTextDataset, batch_size: int, num_workers: int = 0):
+        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
+        self.num_splits = dataset.world_size * max(num_workers, 1)
+        self._iteration, self._positions = 0, {}
+
+    def __iter__(self) -> Iterator[List[dict]]:
+        return self.iter_from(0)
+
+    def iter_from(self, iteration: int) -> Iterator[List[dict]]:
+        """Batches ``iteration, iteration + 1, ...`` of the stream."""
+        replay = iteration if iteration and iteration != self._iteration else 0
+        if replay:
+            logger.warning("No image-text stream position for iteration %d: replaying the data "
+                           "from the start", iteration)
+        if not iteration or replay:
+            self._iteration, self._positions = 0, {}
+        self.dataset.start_positions = dict(self._positions)
+        self.dataset.worker_offset = self._iteration % max(self.num_workers, 1)
+        workers = self.num_workers
+        loader = DataLoader(
+            self.dataset, batch_size=self.batch_size, num_workers=workers,
+            collate_fn=collate_image_text, persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            # not the global torch generator: starting a loader must not shift the training's
+            # random stream (region sampling, caption choice)
+            generator=torch.Generator().manual_seed(self.dataset.seed))
+        batches = self._tracked(iter(loader))
+        for _ in range(replay):
+            next(batches)
+        return batches
+
+    def _tracked(self, batches: Iterator[List[dict]]) -> Iterator[List[dict]]:
+        for batch in batches:
+            for record in batch:
+                split, epoch, drawn = record["stream_position"]
+                self._positions[split] = (epoch, drawn)
+            if self.dataset.world_size > 1:
+                mine = {s: p for s, p in self._positions.items()
+                        if s // max(self.num_workers, 1) == self.dataset.rank}
+                for positions in all_gather(mine):
+                    self._positions.update(positions)
+            self._iteration += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        positions = {int(s): [int(e), int(d)] for s, (e, d) in self._positions.items()}
+        return {"seed": self.dataset.seed, "num_splits": self.num_splits,
+                "iteration": self._iteration, "positions": positions}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.seed = int(state["seed"])
+        self._iteration = int(state["iteration"])
+        positions = {int(s): (int(e), int(d)) for s, (e, d) in state["positions"].items()}
+        if int(state["num_splits"]) != self.num_splits:
+            epoch = max((e for e, _ in positions.values()), default=-1) + 1
+            logger.warning("The checkpoint's image-text data was split %d ways, this run splits "
+                           "it %d ways (processes x workers): the data restarts at epoch %d",
+                           state["num_splits"], self.num_splits, epoch)
+            positions = {split: (epoch, 0) for split in range(self.num_splits)}
+        self._positions = positions
+
+
+def build_image_text_loader(cfg, dataset: Optional[ImageTextDataset] = None) -> ImageTextLoader:
     """SOLVER.IMS_PER_BATCH split over the processes, DATALOADER.NUM_WORKERS, list batches."""
     dataset = build_image_text_dataset(cfg) if dataset is None else dataset
     total, world_size = cfg.SOLVER.IMS_PER_BATCH, get_world_size()
     if total % world_size:
         raise ConfigError(f"SOLVER.IMS_PER_BATCH {total} is not divisible by the {world_size} "
                           "processes")
-    workers = cfg.DATALOADER.NUM_WORKERS
-    return DataLoader(dataset, batch_size=total // world_size, num_workers=workers,
-                      collate_fn=collate_image_text, persistent_workers=workers > 0)
+    return ImageTextLoader(dataset, total // world_size, cfg.DATALOADER.NUM_WORKERS)
