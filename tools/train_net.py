@@ -13,7 +13,8 @@ for ``PretrainFastRCNN`` configs, see ``regionclip/engine/pretraining.py``), wri
 ``TEST.EVAL_PERIOD`` iterations and at the end; ``--resume`` continues from the last checkpoint
 in ``OUTPUT_DIR`` instead of loading the initial weights. Evaluation runs inference on every
 dataset of ``DATASETS.TEST`` and writes ``OUTPUT_DIR/inference/{coco,lvis}_instances_results.json``
-plus the metrics.
+plus the metrics; an RPN alone (``META_ARCHITECTURE ProposalNetwork``) is evaluated by the recall
+of the ground-truth boxes by its proposals (AR@100, AR@1000, R@k_IoU0.5/0.7).
 """
 import json
 import logging
@@ -28,7 +29,7 @@ from regionclip.engine.launch import get_world_size, is_main_process, launch
 from regionclip.engine.pretraining import build_pretrain_loader, is_pretraining, zero_shot_eval_fn
 from regionclip.engine.solver import auto_scale_batch, auto_scale_workers
 from regionclip.engine.trainer import build_trainer, last_checkpoint_path
-from regionclip.evaluation import build_evaluator
+from regionclip.evaluation import ProposalRecallEvaluator, build_evaluator
 from regionclip.evaluation.inference import inference_on_dataset
 from regionclip.evaluation.results import write_json_atomic
 from regionclip.modeling.build import build_model
@@ -68,15 +69,20 @@ def check_vocabulary(model, dataset_name: str) -> None:
 
 
 def test(cfg, model) -> dict:
+    """Evaluate on every ``DATASETS.TEST``: COCO/LVIS metrics of a detector, or the recall of
+    ground-truth boxes by the proposals of a model without ROI heads (an RPN alone)."""
     results = {}
     output_dir = os.path.join(cfg.OUTPUT_DIR, "inference")
-    mapper = build_inference_mapper(cfg)
+    proposals_only = not hasattr(model, "roi_heads")
+    mapper = build_inference_mapper(cfg, keep_annotations=proposals_only)
     model.eval()
     for name in cfg.DATASETS.TEST:
         check_vocabulary(model, name)
         records = get_dataset_dicts(name, input_dir=cfg.INPUT_DIR)
         loader = build_test_loader(records, mapper, cfg.DATALOADER.NUM_WORKERS)
-        results[name] = inference_on_dataset(model, loader, build_evaluator(name, output_dir))
+        evaluator = (ProposalRecallEvaluator(output_dir) if proposals_only
+                     else build_evaluator(name, output_dir))
+        results[name] = inference_on_dataset(model, loader, evaluator)
         if is_main_process():
             logger.info("Results on %s: %s", name, json.dumps(results[name], indent=1))
     if is_main_process() and results:

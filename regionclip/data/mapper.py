@@ -3,7 +3,7 @@
 The model input is ``{"image": float32 [3, H, W] in 0-255 and the configured channel order,
 "height", "width" (original size, for rescaling predictions), "image_id", "file_name"}`` plus
 ``"instances"`` (resized non-crowd ground-truth boxes and classes) when ground-truth boxes are
-the proposals (``MODEL.CLIP.CROP_REGION_TYPE GT``).
+the proposals (``MODEL.CLIP.CROP_REGION_TYPE GT``) or an evaluation needs them.
 """
 
 import numpy as np
@@ -79,12 +79,13 @@ def annotations_to_instances(annotations, transform, image_size):
     return Instances(image_size, gt_boxes=Boxes(boxes), gt_classes=classes)
 
 
-def build_inference_mapper(cfg):
+def build_inference_mapper(cfg, keep_annotations=False):
     """``InferenceMapper`` from ``INPUT.{MIN,MAX}_SIZE_TEST``, ``INPUT.FORMAT`` and
-    ``MODEL.CLIP.CROP_REGION_TYPE`` (ground-truth boxes are kept for "GT")."""
+    ``MODEL.CLIP.CROP_REGION_TYPE`` (ground-truth boxes are kept for "GT", or when
+    ``keep_annotations``: an evaluation that needs them, such as proposal recall)."""
     return InferenceMapper(
         min_size=cfg.INPUT.MIN_SIZE_TEST,
         max_size=cfg.INPUT.MAX_SIZE_TEST,
         image_format=cfg.INPUT.FORMAT,
-        keep_annotations=cfg.MODEL.CLIP.CROP_REGION_TYPE == "GT",
+        keep_annotations=keep_annotations or cfg.MODEL.CLIP.CROP_REGION_TYPE == "GT",
     )

@@ -1,12 +1,14 @@
-"""Evaluators (COCO, LVIS) and conversion of predictions to COCO-format results."""
+"""Evaluators (COCO, LVIS, proposal recall) and conversion of predictions to COCO-format results."""
 from regionclip.data.catalog import get_metadata
 from regionclip.evaluation.coco import COCOEvaluator
 from regionclip.evaluation.lvis import LVISEvaluator
+from regionclip.evaluation.proposals import ProposalRecallEvaluator
 from regionclip.evaluation.results import instances_to_coco_json, write_json_atomic
 
 __all__ = [
     "COCOEvaluator",
     "LVISEvaluator",
+    "ProposalRecallEvaluator",
     "build_evaluator",
     "instances_to_coco_json",
     "write_json_atomic",
