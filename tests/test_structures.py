@@ -165,7 +165,7 @@ def test_instances_repr_and_empty():
     assert "scores: tensor" in text
     empty = Instances((4, 5))
     assert "num_instances=0" in repr(empty)
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(TypeError):
         len(empty)
 
 

@@ -20,7 +20,6 @@ CPU tensors whose rows all describe the same region.
   score) and ``feats`` of the proposal each detection came from.
 """
 import os
-import uuid
 from collections import Counter
 from typing import Dict, List, Sequence
 
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 import tqdm
 
+from regionclip.atomic import atomic_open
 from regionclip.config import load_config
 from regionclip.data.coco import load_image_folder
 from regionclip.data.mapper import build_inference_mapper
@@ -82,22 +82,6 @@ def extract(model, batched_input: Dict, with_vocabulary: bool) -> Dict[str, torc
     return {key: value.detach().cpu() for key, value in output.items()}
 
 
-def save_atomic(obj, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, then replace ``path``."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
-                       f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def main(argv=None) -> List[str]:
     args = default_argument_parser(__doc__.splitlines()[0]).parse_args(argv)
     cfg = load_config(args.config_file, args.opts)
@@ -113,7 +97,8 @@ def main(argv=None) -> List[str]:
     with_vocabulary = bool(clip.TEXT_EMB_PATH or clip.OPENSET_TEST_TEXT_EMB_PATH)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     for record, path in zip(tqdm.tqdm(records, desc="Region features", unit="image"), paths):
-        save_atomic(extract(model, mapper(record), with_vocabulary), path)
+        with atomic_open(path, "wb") as f:
+            torch.save(extract(model, mapper(record), with_vocabulary), f)
     logger.info("Wrote region features of %d images to %s", len(records), cfg.OUTPUT_DIR)
     return paths
 

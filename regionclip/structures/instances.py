@@ -103,10 +103,10 @@ class Instances:
     def __len__(self) -> int:
         for value in self._fields.values():
             return len(value)
-        raise NotImplementedError("Empty Instances does not support __len__!")
+        raise TypeError("Instances without fields have no length")
 
     def __iter__(self):
-        raise NotImplementedError("`Instances` object is not iterable!")
+        raise TypeError("`Instances` object is not iterable")
 
     @staticmethod
     def cat(instance_lists: List["Instances"]) -> "Instances":
