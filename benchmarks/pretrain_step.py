@@ -20,11 +20,8 @@ growth of the process's peak resident set (ru_maxrss) over the model-loaded base
 Usage: python benchmarks/pretrain_step.py [--device cpu cuda] [--iters 3] [--amp]
 """
 import argparse
-import resource
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +30,8 @@ from regionclip.config import load_config
 from regionclip.engine.trainer import build_trainer
 from regionclip.modeling.build import build_model
 from regionclip.modeling.text_encoder import save_embeddings, tokenize
+
+from _common import norms_from_inputs, time_steps
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 IMAGE_HW = (800, 1067)
@@ -68,29 +67,13 @@ def synthetic_batch(gen: torch.Generator):
 def calibrate_offline_rpn(model, batch) -> int:
     """Set each offline norm layer's statistics to those of its input; returns the number of
     proposals of the first image afterwards."""
-    def set_stats(norm, args):
-        norm.running_mean.copy_(args[0].mean(dim=(0, 2, 3)))
-        norm.running_var.copy_(args[0].var(dim=(0, 2, 3)))
-
     images = [x["image"].to(model.device) for x in batch]
-    norms = [m for m in model.offline_backbone.modules() if hasattr(m, "running_var")]
-    handles = [norm.register_forward_pre_hook(set_stats) for norm in norms]
-    model.sample_proposals(images)
-    for handle in handles:
-        handle.remove()
+    with norms_from_inputs(model.offline_backbone):
+        model.sample_proposals(images)
     sample_regions, model.sample_regions = model.sample_regions, 0
     count = len(model.sample_proposals(images)[0])
     model.sample_regions = sample_regions
     return count
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
 def benchmark(device: str, iters: int, warmup: int, amp: bool) -> dict:
@@ -101,23 +84,8 @@ def benchmark(device: str, iters: int, warmup: int, amp: bool) -> dict:
         model, trainer = build(device, amp, concepts)
     batch = synthetic_batch(gen)
     proposals = calibrate_offline_rpn(model, batch)
-    baseline = _peak_rss_mib()
-    for iteration in range(warmup):  # allocator, kernels, thread pools
-        trainer.run_step(iteration, batch)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    times, losses = [], {}
-    for iteration in range(warmup, warmup + iters):
-        _sync(device)
-        start = time.perf_counter()
-        losses = trainer.run_step(iteration, batch)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    if device.startswith("cuda"):
-        memory = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        memory = _peak_rss_mib() - baseline
-    return {"step": statistics.median(times), "memory": memory, "losses": losses,
+    timed = time_steps(lambda it: trainer.run_step(it, batch), device, iters, warmup)
+    return {"step": timed["step"], "memory": timed["memory"], "losses": timed["result"],
             "proposals": proposals}
 
 

@@ -14,10 +14,7 @@ growth of the process's peak resident set (ru_maxrss) over the model-loaded base
 Usage: python benchmarks/train_step.py [--device cpu cuda] [--iters 3] [--amp]
 """
 import argparse
-import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +23,8 @@ from regionclip.config import load_config
 from regionclip.engine.trainer import build_trainer
 from regionclip.modeling.build import build_model
 from regionclip.structures import Boxes, Instances
+
+from _common import time_steps
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "COCO-InstanceSegmentation"
 IMAGE_HW = (800, 1067)
@@ -60,36 +59,12 @@ def synthetic_batch(gen: torch.Generator, device: str):
     return batch
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
-
-
 def benchmark(device: str, iters: int, warmup: int, amp: bool) -> dict:
     gen = torch.Generator().manual_seed(0)
     trainer = build(device, amp)
     batch = synthetic_batch(gen, device)
-    baseline = _peak_rss_mib()
-    for iteration in range(warmup):  # allocator, kernels, thread pools
-        trainer.run_step(iteration, batch)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    times, losses = [], {}
-    for iteration in range(warmup, warmup + iters):
-        _sync(device)
-        start = time.perf_counter()
-        losses = trainer.run_step(iteration, batch)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    if device.startswith("cuda"):
-        memory = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        memory = _peak_rss_mib() - baseline
-    return {"step": statistics.median(times), "memory": memory, "losses": losses}
+    timed = time_steps(lambda it: trainer.run_step(it, batch), device, iters, warmup)
+    return {"step": timed["step"], "memory": timed["memory"], "losses": timed["result"]}
 
 
 def main(argv=None) -> None:

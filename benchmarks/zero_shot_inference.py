@@ -18,7 +18,6 @@ the process's peak resident set (ru_maxrss) over the model-loaded baseline.
 Usage: python benchmarks/zero_shot_inference.py [--device cpu cuda] [--repeats 3] [--variant RN50]
 """
 import argparse
-import resource
 import statistics
 import sys
 import time
@@ -29,6 +28,8 @@ import torch
 from regionclip.config import load_config
 from regionclip.modeling.build import build_model
 from regionclip.structures import Boxes, Instances
+
+from _common import norms_from_inputs, peak_memory_mib, peak_rss_mib, sync
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "LVISv1-InstanceSegmentation"
 IMAGE_HW = (800, 1333)
@@ -46,25 +47,6 @@ def build(variant: str, device: str):
     return build_model(cfg).eval()
 
 
-@torch.no_grad()
-def calibrate_offline_rpn(model, inputs) -> None:
-    """Set every offline norm layer's statistics to those of its input on ``inputs``.
-
-    With random weights the activations of the 50-layer RPN backbone grow to thousands and the
-    RPN returns no finite proposal; this data-dependent initialisation keeps them of order one,
-    so the RPN does its full work (top-k, decoding, NMS) on realistic numbers of boxes.
-    """
-    def set_stats(norm, args):
-        norm.running_mean.copy_(args[0].mean(dim=(0, 2, 3)))
-        norm.running_var.copy_(args[0].var(dim=(0, 2, 3)))
-
-    norms = [m for m in model.offline_backbone.modules() if hasattr(m, "running_var")]
-    handles = [norm.register_forward_pre_hook(set_stats) for norm in norms]
-    model.get_proposals(inputs)
-    for handle in handles:
-        handle.remove()
-
-
 def given_regions(gen: torch.Generator, device) -> Instances:
     """NUM_REGIONS boxes of 32..400 px inside the image, with positive objectness logits
     (negative ones would be dropped by the RPN-score fusion and make the head cheaper)."""
@@ -77,33 +59,24 @@ def given_regions(gen: torch.Generator, device) -> Instances:
                      objectness_logits=logits.to(device))
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 @torch.no_grad()
 def run_once(model, inputs, regions, device):
     """(wall seconds per part, CPU seconds, proposals from the RPN, detections from the head)."""
     times, cpu_start = [], time.process_time()
     start = time.perf_counter()
     proposals = model.get_proposals(inputs)
-    _sync(device)
+    sync(device)
     times.append(time.perf_counter() - start)
     start = time.perf_counter()
     features = model.backbone(model.preprocess_image(inputs).tensor)
-    _sync(device)
+    sync(device)
     times.append(time.perf_counter() - start)
     start = time.perf_counter()
     results = model.roi_heads(features, [regions], model.backbone.layer4,
                               model.backbone.attnpool)
-    _sync(device)
+    sync(device)
     times.append(time.perf_counter() - start)
     return times, time.process_time() - cpu_start, len(proposals[0]), len(results[0])
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
 def benchmark(variant: str, device: str, repeats: int) -> dict:
@@ -112,18 +85,16 @@ def benchmark(variant: str, device: str, repeats: int) -> dict:
     image = torch.randint(0, 256, (3, *IMAGE_HW), generator=gen, dtype=torch.uint8).float()
     inputs = [{"image": image.to(device), "height": IMAGE_HW[0], "width": IMAGE_HW[1]}]
     regions = given_regions(gen, device)
-    calibrate_offline_rpn(model, inputs)
-    baseline = _peak_rss_mib()
+    with norms_from_inputs(model.offline_backbone):  # random weights: see norms_from_inputs
+        model.get_proposals(inputs)
+    baseline = peak_rss_mib()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     run_once(model, inputs, regions, device)  # warm-up: allocator, kernels, thread pools
     runs = [run_once(model, inputs, regions, device) for _ in range(repeats)]
     per_part = {part: statistics.median(r[0][i] for r in runs) for i, part in enumerate(PARTS)}
-    if device.startswith("cuda"):
-        memory = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        memory = _peak_rss_mib() - baseline
-    return {**per_part, "total": sum(per_part.values()), "memory": memory,
+    return {**per_part, "total": sum(per_part.values()),
+            "memory": peak_memory_mib(device, baseline),
             "cpu": statistics.median(r[1] for r in runs), "proposals": runs[-1][2],
             "detections": runs[-1][3]}
 

@@ -1,0 +1,68 @@
+"""Timing and memory helpers shared by the benchmark scripts (run them as scripts)."""
+import contextlib
+import resource
+import statistics
+import time
+
+import torch
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def peak_memory_mib(device: str, baseline: float) -> float:
+    """CUDA: max_memory_allocated; CPU: growth of the peak resident set over ``baseline``."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return peak_rss_mib() - baseline
+
+
+def time_steps(step, device: str, iters: int, warmup: int) -> dict:
+    """Median seconds of ``step(iteration)`` over ``iters`` calls after ``warmup`` calls, the
+    peak memory and the last call's return value.
+
+    On the CPU the peak resident set only grows, so its baseline is taken before the warm-up
+    (the model already loaded); on CUDA the peak counter is reset after the warm-up.
+    """
+    baseline = peak_rss_mib()
+    for iteration in range(warmup):  # allocator, kernels, thread pools
+        step(iteration)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times, result = [], None
+    for iteration in range(warmup, warmup + iters):
+        sync(device)
+        start = time.perf_counter()
+        result = step(iteration)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return {"step": statistics.median(times), "memory": peak_memory_mib(device, baseline),
+            "result": result}
+
+
+@contextlib.contextmanager
+@torch.no_grad()
+def norms_from_inputs(module: torch.nn.Module):
+    """Inside the block, every norm layer of ``module`` takes its statistics from its input.
+
+    With random weights the activations of a 50-layer RPN backbone grow to thousands and the
+    RPN returns no finite proposal; this data-dependent initialisation keeps them of order one,
+    so the RPN does its full work (top-k, decoding, NMS) on realistic numbers of boxes.
+    """
+    def set_stats(norm, args):
+        norm.running_mean.copy_(args[0].mean(dim=(0, 2, 3)))
+        norm.running_var.copy_(args[0].var(dim=(0, 2, 3)))
+
+    norms = [m for m in module.modules() if hasattr(m, "running_var")]
+    handles = [norm.register_forward_pre_hook(set_stats) for norm in norms]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
