@@ -19,7 +19,6 @@ from .checkpoint import CheckpointMismatchError
 from .data.transforms import ResizeShortestEdge
 from .image_input import ImageInput, is_single_image, map_boxes, to_rgb_array
 from .modeling.clip_variants import get_variant
-from .modeling.detector import postprocess
 from .modeling.text_encoder import load_embeddings
 from .pretrained import load_model, resolve_spec, spec_config
 from .structures import Boxes, Instances
@@ -214,24 +213,14 @@ class Detector:
         with self._region_settings(given):
             proposals = ([self._given_regions(x, t, b) for (x, t), b in zip(prepared, regions)]
                          if given else self.model.get_proposals(inputs))
-            embeddings, results = self._forward(inputs, proposals)
-        offset, output = 0, []
-        for result, x, p in zip(results, inputs, proposals):
-            instances = postprocess(result, x["height"], x["width"])
-            rows = offset + instances.proposal_index
-            output.append(self._detections(
-                instances, F.normalize(embeddings[rows], dim=1) if with_embeddings else None))
-            offset += len(p)
+            results = self.model.inference(inputs, proposals, keep_embeddings=with_embeddings)
+        output = []
+        for result in results:
+            instances = result["instances"]
+            embeddings = (F.normalize(instances.region_embeddings, dim=1)
+                          if with_embeddings else None)
+            output.append(self._detections(instances, embeddings))
         return output
-
-    def _forward(self, inputs: List[dict], proposals: List[Instances]):
-        """Region embeddings [sum R, D] (unnormalised) and per-image raw detections: the
-        steps of ``CLIPFastRCNN.inference``, keeping the embeddings."""
-        model, heads = self.model, self.model.roi_heads
-        res4 = model.backbone(model.preprocess_image(inputs).tensor)["res4"]
-        boxes = [p.proposal_boxes.tensor for p in proposals]
-        embeddings = heads.embed(res4, boxes, model.backbone.layer4, model.backbone.attnpool)
-        return embeddings, heads.predict(embeddings, proposals, res4, model.backbone.layer4)
 
     @contextlib.contextmanager
     def _region_settings(self, given: bool):

@@ -98,12 +98,16 @@ class CLIPFastRCNN(nn.Module):
         return Instances(size, proposal_boxes=Boxes(boxes),
                          objectness_logits=torch.ones(len(boxes), device=self.device))
 
-    def inference(self, batched_inputs: List[Dict], proposals: Optional[List[Instances]] = None):
+    def inference(self, batched_inputs: List[Dict], proposals: Optional[List[Instances]] = None,
+                  keep_embeddings: bool = False):
+        """``[{"instances": Instances}]`` at the original image sizes; ``keep_embeddings`` adds
+        each detection's unnormalised region embedding as ``region_embeddings``."""
         if proposals is None:
             proposals = self.get_proposals(batched_inputs)
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
-        results = self.roi_heads(features, proposals, self.backbone.layer4, self.backbone.attnpool)
+        results = self.roi_heads(features, proposals, self.backbone.layer4, self.backbone.attnpool,
+                                 keep_embeddings)
         return [{"instances": postprocess(r, x.get("height", r.image_size[0]),
                                           x.get("width", r.image_size[1]))}
                 for r, x in zip(results, batched_inputs)]

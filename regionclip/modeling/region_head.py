@@ -75,14 +75,21 @@ class RegionHead(nn.Module):
         proposals: List[Instances],
         res5: nn.Module,
         attnpool: nn.Module,
+        keep_embeddings: bool = False,
     ) -> List[Instances]:
         """Detections per image, in the (resized) input coordinates.
 
-        Each result also carries ``proposal_index`` (the proposal a detection came from).
+        Each result also carries ``proposal_index`` (the proposal a detection came from) and,
+        with ``keep_embeddings``, ``region_embeddings`` (its unnormalised embedding, [N, D]).
         """
         res4 = features["res4"]
         embeddings = self.embed(res4, [p.proposal_boxes.tensor for p in proposals], res5, attnpool)
-        return self.predict(embeddings, proposals, res4, res5)
+        results = self.predict(embeddings, proposals, res4, res5)
+        if keep_embeddings:
+            per_image = embeddings.split([len(p) for p in proposals])
+            for result, image_embeddings in zip(results, per_image):
+                result.region_embeddings = image_embeddings[result.proposal_index]
+        return results
 
     def predict(self, embeddings, proposals: List[Instances], res4, res5) -> List[Instances]:
         settings = self.inference_settings
