@@ -133,9 +133,12 @@ def read_checkpoint(path: str) -> Any:
             "because unpickling them can run arbitrary code. Convert the file once, in a "
             "trusted environment, to a .pth holding {'model': {name: torch.Tensor}}")
     try:
-        if _is_torchscript(path):
+        kind = _archive_kind(path)
+        if kind == "torchscript":
             return _torchscript_state_dict(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # zip archives are memory-mapped: a tensor is read when it is copied into a model, so
+        # inspecting a multi-GB file, or loading only its text tower, does not read all of it
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
     except CheckpointError:
         raise
     except pickle.UnpicklingError as err:
@@ -162,8 +165,9 @@ def _torchscript_state_dict(path: str) -> Dict[str, torch.Tensor]:
         return torch.jit.load(path, map_location="cpu").state_dict()
 
 
-def _is_torchscript(path: str) -> bool:
-    """True for a TorchScript archive; raises for files torch.save cannot have written."""
+def _archive_kind(path: str) -> str:
+    """"torchscript", "zip" (torch.save) or "pickle" (torch.save's legacy format); raises for
+    files torch.save cannot have written."""
     with open(path, "rb") as f:
         head = f.read(4)
     # torch.save writes a zip archive, or (legacy format) a pickle starting with PROTO 0x80
@@ -171,9 +175,11 @@ def _is_torchscript(path: str) -> bool:
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip "
                               "archive nor a pickle)")
     if head[:1] == b"\x80":
-        return False
+        return "pickle"
     with zipfile.ZipFile(path) as archive:
-        return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+        names = archive.namelist()
+    scripted = any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
+    return "torchscript" if scripted else "zip"
 
 
 def read_state_dict(path: str) -> Tuple[Dict[str, Any], str]:
