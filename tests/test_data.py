@@ -1,6 +1,5 @@
 """Tests for regionclip.data: decoding, transforms, loaders, catalog, mapper, OVD splits."""
 
-import importlib.util
 import json
 import logging
 import os
@@ -26,17 +25,10 @@ from regionclip.data.transforms import (
     transform_boxes_xyxy,
 )
 from regionclip.structures import BoxMode
+from _tool_utils import load_tool
 
 EXIF_ORIENTATION = 0x0112
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_tool(name):
-    path = os.path.join(REPO_ROOT, "tools", name + ".py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _save(tmp_path, name, image, **kwargs):
@@ -372,7 +364,7 @@ def test_prepare_coco_ovd(tmp_path, monkeypatch):
     for image_set in ("train2017", "val2017"):
         with open(annotation_dir / f"instances_{image_set}.json", "w") as f:
             json.dump(_mini_instances(), f)
-    _load_tool("prepare_coco_ovd").main(["--coco-root", str(tmp_path / "coco")])
+    load_tool("prepare_coco_ovd").main(["--coco-root", str(tmp_path / "coco")])
     expected = {"all": ([1, 18, 47, 90], [1, 2, 4]), "b": ([1, 90], [1, 4]),
                 "t": ([18, 47], [2, 4])}
     for image_set in ("train2017", "val2017"):

@@ -1,6 +1,5 @@
 """Solver (parameter groups, LR schedules, clipping, batch scaling) and the training loop
 (checkpoints, resume, metrics, non-finite losses, AMP) on a toy model."""
-import importlib.util
 import logging
 import math
 import os
@@ -26,6 +25,7 @@ from regionclip.engine.solver import (
     optimizer_param_groups,
 )
 from regionclip.engine.trainer import last_checkpoint_path
+from _tool_utils import run_train_net
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -340,25 +340,12 @@ def test_amp_bfloat16_on_cpu(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # tools/train_net.py with the tiny detector
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture
-def train_net():
-    spec = importlib.util.spec_from_file_location("_train_net_engine_tests",
-                                                  REPO / "tools" / "train_net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield lambda argv: module.main(module.default_argument_parser().parse_args(argv))
-    logger = logging.getLogger("regionclip")  # the tool attached console and file handlers
-    for handler in list(logger.handlers):
-        handler.close()
-        logger.removeHandler(handler)
-
-
-def test_train_net_trains_evaluates_and_resumes(tmp_path, train_net):
+def test_train_net_trains_evaluates_and_resumes(tmp_path):
     json_path, image_dir = make_coco_dataset(tmp_path / "data", num_images=6, image_size=(48, 64))
     dataset = f'("coco_json:{json_path}:{image_dir}",)'
 
     def run(output_dir, max_iter, *flags):
-        return train_net([
+        return run_train_net([
             *flags, "--config-file", str(REPO / "configs" / "tests" / "tiny.yaml"),
             "DATASETS.TRAIN", dataset, "DATASETS.TEST", dataset, "OUTPUT_DIR", str(output_dir),
             "SOLVER.MAX_ITER", str(max_iter), "SOLVER.CHECKPOINT_PERIOD", "2",
@@ -379,7 +366,7 @@ def test_train_net_trains_evaluates_and_resumes(tmp_path, train_net):
         assert "Resumed from" in f.read()
     lines = read_json_lines(tmp_path / "straight" / "metrics.json")
     assert {"loss_cls", "loss_box_reg"} <= set(lines[0])
-    evaluated = train_net(["--eval-only", "--config-file",
+    evaluated = run_train_net(["--eval-only", "--config-file",
                            str(REPO / "configs" / "tests" / "tiny.yaml"),
                            "MODEL.WEIGHTS", str(tmp_path / "straight" / "model_final.pth"),
                            "DATASETS.TEST", dataset, "OUTPUT_DIR", str(tmp_path / "eval")])

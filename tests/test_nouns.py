@@ -1,5 +1,4 @@
 """Concept-pool nouns: mention counting, vocabularies, caption reading, the tool."""
-import importlib.util
 import json
 import os
 import sys
@@ -21,18 +20,11 @@ from regionclip.data.nouns import (
     plural_forms,
     select_nouns,
 )
+from _tool_utils import load_tool
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCABULARY = ["dog", "person", "bus", "hot dog", "knife", "cherry", "teddy bear", "bear",
               "traffic light", "glass", "glasses", "cat", "tomato", "fireman"]
-
-
-def _load_tool():
-    path = os.path.join(REPO_ROOT, "tools", "build_concept_nouns.py")
-    spec = importlib.util.spec_from_file_location("build_concept_nouns", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -139,7 +131,7 @@ def test_tool(tmp_path):
     vocabulary = tmp_path / "vocabulary.txt"
     vocabulary.write_text("cat\ndog\nbus\nzebra\n")
     output = tmp_path / "out" / "nouns.txt"
-    tool = _load_tool()
+    tool = load_tool("build_concept_nouns")
     tool.main(["--captions", str(captions), "--vocabulary", str(vocabulary), "--min-count", "2",
                "--parser", "none", "--output", str(output)])
     assert output.read_text() == "cat\ndog\n"

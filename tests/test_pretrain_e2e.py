@@ -10,10 +10,7 @@ region the same concept and a zero contrastive loss).
 The models are a few hundred thousand parameters: the runs use one thread, as more threads
 only add synchronisation (and stall badly on a busy 2-core machine).
 """
-import functools
-import importlib.util
 import json
-import logging
 import math
 import os
 import re
@@ -37,6 +34,7 @@ from regionclip.modeling.build import build_model
 from regionclip.modeling.pretrainer import LOSS_KEYS, embed_regions
 from regionclip.modeling.text_encoder import save_embeddings
 from regionclip.structures import ImageList
+from _tool_utils import load_tool, run_train_net
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN_CONFIG = REPO / "configs" / "pretrain" / "RegionCLIP_RN50.yaml"
@@ -113,7 +111,7 @@ def initial_model(files):
     """The pretraining model as train_net builds and initialises it."""
     cfg = load_config(str(PRETRAIN_CONFIG), pretrain_overrides(files))
     model = build_model(cfg)
-    train_net_module().load_weights(cfg, model)
+    load_tool("train_net").load_weights(cfg, model)
     return cfg, model.train()
 
 
@@ -133,29 +131,9 @@ def teacher_region_concepts(files) -> torch.Tensor:
     return regions[pick[:NUM_CONCEPTS]]
 
 
-@functools.lru_cache(maxsize=None)
-def train_net_module():
-    spec = importlib.util.spec_from_file_location("_train_net_pretrain_tests", TRAIN_NET)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def train_net(argv):
-    """``tools/train_net.py argv`` in this process."""
-    module = train_net_module()
-    try:
-        return module.main(module.default_argument_parser().parse_args(list(map(str, argv))))
-    finally:
-        logger = logging.getLogger("regionclip")  # the tool attached console and file handlers
-        for handler in list(logger.handlers):
-            handler.close()
-            logger.removeHandler(handler)
-
-
 def pretrain(files, output_dir, form, *extra, max_iter=ITERATIONS, resume=False):
     flags = ["--resume"] if resume else []
-    return train_net([*flags, "--config-file", PRETRAIN_CONFIG,
+    return run_train_net([*flags, "--config-file", PRETRAIN_CONFIG,
                       *pretrain_overrides(files, form, output_dir, max_iter), *extra])
 
 
@@ -361,7 +339,7 @@ def test_pretrain_script_starts_train_net_under_torchrun(tmp_path):
     torchrun = dict(zip(argv[:script:2], argv[1:script:2]))
     assert torchrun["--nnodes"] == "2" and torchrun["--node_rank"] == "1"
     assert torchrun["--nproc_per_node"] == "8"
-    args = train_net_module().default_argument_parser().parse_args(argv[script + 1:])
+    args = load_tool("train_net").default_argument_parser().parse_args(argv[script + 1:])
     assert args.resume and not args.eval_only
     cfg = load_config(str(REPO / args.config_file), args.opts)
     assert cfg.MODEL.META_ARCHITECTURE == "PretrainFastRCNN"

@@ -1,5 +1,4 @@
 """Proposal recall (ProposalRecallEvaluator) on hand cases, and RPN evaluation in train_net."""
-import importlib.util
 import logging
 import math
 import pathlib
@@ -19,6 +18,7 @@ from regionclip.evaluation import ProposalRecallEvaluator
 from regionclip.evaluation.proposals import greedy_matched_overlaps
 from regionclip.modeling.build import build_model
 from regionclip.structures import Boxes, BoxMode, Instances
+from _tool_utils import run_train_net
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -111,19 +111,6 @@ def test_inputs_without_ground_truth_are_rejected():
         ProposalRecallEvaluator().process([{"image_id": 1}], [_proposals(PROPOSALS)])
 
 
-@pytest.fixture
-def train_net():
-    spec = importlib.util.spec_from_file_location("_train_net_recall_tests",
-                                                  REPO / "tools" / "train_net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield lambda argv: module.main(module.default_argument_parser().parse_args(argv))
-    logger = logging.getLogger("regionclip")  # the tool attached console and file handlers
-    for handler in list(logger.handlers):
-        handler.close()
-        logger.removeHandler(handler)
-
-
 def _independent_recalls(model, cfg, dataset, limit):
     """Per ground-truth box (one per image) the best IoU of the top-``limit`` proposals, by
     torchvision against the json's boxes in original pixels."""
@@ -139,7 +126,7 @@ def _independent_recalls(model, cfg, dataset, limit):
     return torch.stack(best)
 
 
-def test_train_net_evaluates_an_rpn_by_proposal_recall(tmp_path, train_net):
+def test_train_net_evaluates_an_rpn_by_proposal_recall(tmp_path):
     json_path, image_dir = make_coco_dataset(tmp_path / "data", num_images=4, image_size=(48, 64),
                                              boxes_per_image=1)
     dataset = f"coco_json:{json_path}:{image_dir}"
@@ -153,7 +140,7 @@ def test_train_net_evaluates_an_rpn_by_proposal_recall(tmp_path, train_net):
     for parameter in model.proposal_generator.rpn_head.anchor_deltas.parameters():
         parameter.detach().zero_()
     save_checkpoint(str(tmp_path / "rpn.pth"), model.state_dict())
-    results = train_net([
+    results = run_train_net([
         "--eval-only", "--config-file", config, *options,
         "MODEL.WEIGHTS", str(tmp_path / "rpn.pth"),
         "DATASETS.TEST", f'("{dataset}",)', "DATALOADER.NUM_WORKERS", "0",

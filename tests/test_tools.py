@@ -6,13 +6,10 @@ temporary folder laid out like the repository (``./configs``, ``./tools``, ``./p
 argument lists and the tiny CLIP variant, which keeps the file fast.
 """
 import contextlib
-import importlib.util
 import io
 import json
-import logging
 import math
 import os
-import sys
 
 import numpy as np
 import open_clip
@@ -22,10 +19,10 @@ import torch.nn.functional as F
 from _checkpoint_utils import pretrained_shapes
 from _clip_utils import openclip_reference, text_state_dict
 from _data_utils import make_coco_dataset, make_lvis_dataset
+from _tool_utils import load_tool, run_train_net
 from _e2e_utils import (
     TINY_CONFIG,
     TINY_RPN_FPN,
-    TOOLS,
     link_repo_dirs,
     lvis_categories,
     ovd_categories_novel_first,
@@ -51,7 +48,6 @@ from regionclip.data.catalog import get_metadata
 from regionclip.data.coco import load_image_folder
 from regionclip.data.image_io import ImageReadError, read_image
 from regionclip.data.mapper import build_inference_mapper
-from regionclip.engine.cli import default_argument_parser
 from regionclip.evaluation.lvis import lvis_numpy_compat
 from regionclip.modeling.build import build_model
 from regionclip.structures import Boxes, Instances
@@ -98,35 +94,11 @@ LVIS_METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "A
 # ------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------
-def _load_tool(name):
-    """The module of ``tools/<name>.py`` (tools import their siblings by name)."""
-    if str(TOOLS) not in sys.path:
-        sys.path.insert(0, str(TOOLS))
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tools():
     names = ("train_net", "visualize_json_results", "extract_region_features",
              "extract_concept_features")
-    return {name: _load_tool(name) for name in names}
-
-
-@pytest.fixture(autouse=True)
-def _close_log_files():
-    """The tools attach log handlers (console, OUTPUT_DIR/log.txt); close them after a test."""
-    yield
-    logger = logging.getLogger("regionclip")
-    for handler in list(logger.handlers):
-        handler.close()
-        logger.removeHandler(handler)
-
-
-def _train_net(tools, argv):
-    return tools["train_net"].main(default_argument_parser().parse_args(argv))
+    return {name: load_tool(name) for name in names}
 
 
 def _nan_equal(a, b, tol=1e-6):
@@ -268,7 +240,7 @@ def test_lvis_gt_boxes_metrics_equal_lvis_api(tmp_path, tools, monkeypatch):
     monkeypatch.setenv("DETECTRON2_DATASETS", str(root))
     argv = _tiny_gt_argv(tmp_path, "lvis_v1_val", num_classes=4,
                          extra=["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0001"])
-    ours = _train_net(tools, argv)["lvis_v1_val"]["bbox"]
+    ours = run_train_net(argv)["lvis_v1_val"]["bbox"]
 
     results_json = tmp_path / "out/inference/lvis_instances_results.json"
     results = _read_json(results_json)
@@ -293,7 +265,7 @@ def test_missing_image_file_is_an_error_before_inference(tmp_path, tools):
     _, image_dir, dataset = _tiny_coco(tmp_path / "data")
     os.remove(os.path.join(image_dir, "000001.png"))
     with pytest.raises(FileNotFoundError, match="000001.png"):
-        _train_net(tools, _tiny_gt_argv(tmp_path, dataset))
+        run_train_net(_tiny_gt_argv(tmp_path, dataset))
     assert not _results_path(tmp_path).exists()
 
 
@@ -302,7 +274,7 @@ def test_corrupt_image_is_an_error_naming_the_file(tmp_path, tools):
     with open(os.path.join(image_dir, "000002.png"), "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n truncated")
     with pytest.raises(ImageReadError, match="000002.png"):
-        _train_net(tools, _tiny_gt_argv(tmp_path, dataset))
+        run_train_net(_tiny_gt_argv(tmp_path, dataset))
     assert not _results_path(tmp_path).exists()
 
 
@@ -321,7 +293,7 @@ def test_greyscale_rgba_16bit_and_exif_rotated_images_work(tmp_path, tools):
     assert Image.open(os.path.join(image_dir, "rotated.jpg")).size == (48, 64)  # stored w, h
     write_json(json_path, content)
 
-    _train_net(tools, _tiny_gt_argv(tmp_path, dataset))
+    run_train_net(_tiny_gt_argv(tmp_path, dataset))
     results = _read_json(_results_path(tmp_path))
     assert {r["image_id"] for r in results} == {1, 2, 3, 4}
     _assert_boxes_are_gt(results, _gt_boxes_by_image(json_path))
@@ -336,7 +308,7 @@ def test_bad_vocabulary_file_is_a_clear_error(tmp_path, tools, rows, width, mess
     emb = tmp_path / "bad_emb.pth"
     torch.save(torch.randn(rows, width), emb)
     with pytest.raises(ValueError, match=message):
-        _train_net(tools, _tiny_gt_argv(tmp_path, dataset, emb_path=emb))
+        run_train_net(_tiny_gt_argv(tmp_path, dataset, emb_path=emb))
     assert not _results_path(tmp_path).exists()
 
 
@@ -349,7 +321,7 @@ def test_degenerate_gt_boxes_are_dropped_or_clipped_with_a_warning(tmp_path, too
                                        "bbox": box, "area": 1.0, "iscrowd": 0})
     write_json(json_path, content)
 
-    _train_net(tools, _tiny_gt_argv(tmp_path, dataset))
+    run_train_net(_tiny_gt_argv(tmp_path, dataset))
     log = capsys.readouterr().out
     assert "2 annotations with an empty box" in log and "were clipped" in log
     results = _read_json(_results_path(tmp_path))
@@ -365,7 +337,7 @@ def test_images_without_annotations_get_no_detections(tmp_path, tools, capsys):
     content["annotations"] = [a for a in content["annotations"] if a["image_id"] != 2]
     write_json(json_path, content)
 
-    _train_net(tools, _tiny_gt_argv(tmp_path, dataset))
+    run_train_net(_tiny_gt_argv(tmp_path, dataset))
     assert "1 of 3 images have no usable annotations" in capsys.readouterr().out
     results = _read_json(_results_path(tmp_path))
     assert {r["image_id"] for r in results} == {1, 3}

@@ -38,7 +38,9 @@ def setup_logging(output_dir: str = "", name: str = "regionclip") -> logging.Log
     logger = logging.getLogger(name)
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    logger.handlers.clear()
+    for handler in logger.handlers[:]:
+        handler.close()
+        logger.removeHandler(handler)
     fmt = logging.Formatter("[%(asctime)s %(name)s %(levelname)s] %(message)s", "%m/%d %H:%M:%S")
     if is_main_process():
         console = logging.StreamHandler(sys.stdout)
