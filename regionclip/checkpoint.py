@@ -260,7 +260,7 @@ class _Arch(NamedTuple):
     details: str  # the shapes that were compared
 
 
-def _visual_arch(shapes: Mapping[str, torch.Size], prefix: str) -> Optional[_Arch]:
+def visual_arch(shapes: Mapping[str, torch.Size], prefix: str) -> Optional[_Arch]:
     """The CLIP ResNet under ``prefix`` from its shapes, None if it is not one."""
     names = ("conv1.weight", "attnpool.c_proj.weight", "attnpool.positional_embedding")
     if any(prefix + n not in shapes for n in names):
@@ -280,7 +280,7 @@ def _visual_arch(shapes: Mapping[str, torch.Size], prefix: str) -> Optional[_Arc
                        f"stem width {width}, grid {grid}x{grid}")
 
 
-def _text_arch(shapes: Mapping[str, torch.Size], prefix: str) -> Optional[_Arch]:
+def text_arch(shapes: Mapping[str, torch.Size], prefix: str) -> Optional[_Arch]:
     """The CLIP text tower under ``prefix`` from its shapes, None if it is not one."""
     names = ("token_embedding.weight", "positional_embedding", "text_projection")
     if any(prefix + n not in shapes for n in names):
@@ -297,10 +297,10 @@ def _text_arch(shapes: Mapping[str, torch.Size], prefix: str) -> Optional[_Arch]
 
 # part -> (shape reader, config key naming its variant, legacy config key)
 _CLIP_PARTS = {
-    "backbone": (_visual_arch, "MODEL.CLIP.VARIANT", "MODEL.RESNETS.DEPTH"),
-    "teacher_backbone": (_visual_arch, "MODEL.CLIP.TEACHER_VARIANT",
+    "backbone": (visual_arch, "MODEL.CLIP.VARIANT", "MODEL.RESNETS.DEPTH"),
+    "teacher_backbone": (visual_arch, "MODEL.CLIP.TEACHER_VARIANT",
                          "MODEL.CLIP.TEACHER_RESNETS_DEPTH"),
-    "lang_encoder": (_text_arch, "MODEL.CLIP.VARIANT", "MODEL.RESNETS.DEPTH"),
+    "lang_encoder": (text_arch, "MODEL.CLIP.VARIANT", "MODEL.RESNETS.DEPTH"),
 }
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from .checkpoint import DETECTRON2, OPENAI_CLIP, _visual_arch, read_state_dict
+from .checkpoint import DETECTRON2, OPENAI_CLIP, visual_arch, read_state_dict
 from .modeling.clip_variants import get_variant
 
 __all__ = ["CONFIGS_ENV", "DETECTOR_WEIGHTS", "RPN_WEIGHTS", "CheckpointContents",
@@ -137,7 +137,7 @@ def inspect_checkpoint(path: str) -> CheckpointContents:
     state_dict, fmt = read_state_dict(path)
     shapes = {k: v.shape for k, v in state_dict.items() if hasattr(v, "shape")}
     openai = fmt == OPENAI_CLIP
-    arch = _visual_arch(shapes, "visual." if openai else "backbone.")
+    arch = visual_arch(shapes, "visual." if openai else "backbone.")
     variant = arch.name if arch is not None and arch.name != "unknown" else ""
     text = any(k.startswith("token_embedding" if openai else "lang_encoder.") for k in shapes)
     if fmt == DETECTRON2:
