@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .checkpoint import CheckpointMismatchError
 from .data.transforms import ResizeShortestEdge
 from .image_input import ImageInput, is_single_image, map_boxes, to_rgb_array
-from .modeling.clip_variants import get_variant
+from .config.variants import get_variant
 from .modeling.text_encoder import load_embeddings
 from .pretrained import load_model, resolve_spec, spec_config
 from .structures import Boxes, Instances

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_open
-from .modeling.clip_variants import LEGACY_DEPTHS, VARIANTS
+from .config.variants import LEGACY_DEPTHS, VARIANTS
 
 __all__ = ["CheckpointError", "CheckpointMismatchError", "LoadReport", "VOCABULARY_KEYS",
            "check_architecture", "detect_format", "load_checkpoint", "read_checkpoint",

@@ -23,7 +23,7 @@ from .api import Detector
 from .checkpoint import CheckpointError
 from .data.image_io import IMAGE_EXTENSIONS, read_image, read_image_size
 from .evaluation.results import instances_to_coco_json, write_json_atomic
-from .modeling.text_encoder import class_names_from_file
+from .data.coco import class_names_from_file
 from .text_cache import check_class_names
 from .visualization import draw_predictions, select_predictions
 

@@ -16,8 +16,8 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .modeling.clip_variants import CLIPVariant
-from .modeling.prompt_templates import PROMPT_TEMPLATES
+from .config.variants import CLIPVariant
+from .prompts import PROMPT_TEMPLATES
 from .modeling.text_encoder import concept_embeddings, load_embeddings, save_embeddings
 from .vocabulary import load_text_encoder
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .modeling.clip_variants import CLIPVariant
+from .config.variants import CLIPVariant
 from .modeling.text_encoder import TextEncoder, concept_embeddings
 
 logger = logging.getLogger("regionclip")

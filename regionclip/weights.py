@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 from .checkpoint import DETECTRON2, OPENAI_CLIP, visual_arch, read_state_dict
-from .modeling.clip_variants import get_variant
+from .config.variants import get_variant
 
 __all__ = ["CONFIGS_ENV", "DETECTOR_WEIGHTS", "RPN_WEIGHTS", "CheckpointContents",
            "DetectorWeights", "RPNWeights", "config_path", "find_companion",

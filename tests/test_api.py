@@ -14,7 +14,7 @@ from PIL import Image
 
 from regionclip.checkpoint import CheckpointMismatchError, save_checkpoint
 from regionclip.evaluation.results import instances_to_coco_json
-from regionclip.modeling.clip_variants import get_variant
+from regionclip.config.variants import get_variant
 from regionclip.modeling.text_encoder import save_embeddings
 from regionclip.pretrained import resolve_spec
 from regionclip.vocabulary import embed_class_names

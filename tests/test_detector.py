@@ -13,7 +13,7 @@ from _rpn_utils import TINY_FPN, randomize_
 
 from regionclip.config import load_config
 from regionclip.modeling.build import build_model
-from regionclip.modeling.clip_variants import get_variant
+from regionclip.config.variants import get_variant
 from regionclip.modeling.detector import postprocess
 from regionclip.modeling.mask_head import paste_masks
 from regionclip.modeling.text_encoder import save_embeddings

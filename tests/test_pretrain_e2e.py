@@ -29,7 +29,7 @@ from _rpn_utils import build_from_file
 from regionclip.checkpoint import read_checkpoint
 from regionclip.config import load_config
 from regionclip.data.image_text import build_image_text_dataset, build_image_text_loader
-from regionclip.engine.launch import launch
+from regionclip.distributed import launch
 from regionclip.modeling.build import build_model
 from regionclip.modeling.pretrainer import LOSS_KEYS, embed_regions
 from regionclip.modeling.text_encoder import save_embeddings

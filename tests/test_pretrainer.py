@@ -12,7 +12,8 @@ from regionclip.checkpoint import load_checkpoint, save_checkpoint
 from regionclip.config import load_config
 from regionclip.modeling.build import build_model
 from regionclip.modeling.pretrainer import LOSS_KEYS, PretrainFastRCNN
-from regionclip.modeling.text_encoder import save_embeddings, tokenize
+from regionclip.modeling.text_encoder import save_embeddings
+from regionclip.prompts import tokenize
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRETRAIN = CONFIGS / "pretrain" / "RegionCLIP_RN50.yaml"

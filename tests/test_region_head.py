@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from regionclip.modeling.box_predictor import InferenceSettings, TextEmbeddingPredictor
 from regionclip.modeling.clip_resnet import CLIPResNet
-from regionclip.modeling.clip_variants import get_variant
+from regionclip.config.variants import get_variant
 from regionclip.modeling.mask_head import MaskHead, paste_masks
 from regionclip.modeling.region_head import RegionHead, pool_regions
 from regionclip.ops import roi_align  # torchvision's

@@ -10,7 +10,8 @@ import torch
 
 from regionclip.config import load_config, resolve_clip_variant
 from regionclip.engine.cli import default_argument_parser, setup_logging
-from regionclip.modeling.text_encoder import class_names_from_file, save_embeddings
+from regionclip.data.coco import class_names_from_file
+from regionclip.modeling.text_encoder import save_embeddings
 from regionclip.vocabulary import embed_class_names
 
 

@@ -25,7 +25,7 @@ from regionclip.data.catalog import get_dataset_dicts, get_metadata
 from regionclip.data.loader import build_test_loader, build_train_loader
 from regionclip.data.mapper import build_inference_mapper
 from regionclip.engine.cli import default_argument_parser, setup
-from regionclip.engine.launch import get_world_size, is_main_process, launch
+from regionclip.distributed import get_world_size, is_main_process, launch
 from regionclip.engine.pretraining import build_pretrain_loader, is_pretraining, zero_shot_eval_fn
 from regionclip.engine.solver import auto_scale_batch, auto_scale_workers
 from regionclip.engine.trainer import build_trainer, last_checkpoint_path

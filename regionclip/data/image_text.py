@@ -43,8 +43,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from ..config import ConfigError
-from ..engine.launch import all_gather, get_rank, get_world_size
-from ..modeling.text_encoder import CONTEXT_LENGTH, tokenize
+from ..distributed import all_gather, get_rank, get_world_size
+from ..prompts import CONTEXT_LENGTH, tokenize
 from .image_io import ImageReadError, read_image
 from .image_text_sources import (
     MAX_CAPTIONS,
@@ -118,7 +118,7 @@ class ImageTextDataset(IterableDataset):
 
     ``infinite`` repeats epochs forever (training); otherwise one pass. ``seed`` must be equal
     in all processes: it orders the units. ``rank``/``world_size`` default to
-    ``regionclip.engine.launch``'s.
+    ``regionclip.distributed``'s.
 
     Resuming: every record carries ``stream_position`` (split, epoch, draws), the position of
     its split's stream just after it (draws count skipped samples too). ``start_positions``

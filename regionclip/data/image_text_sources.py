@@ -24,7 +24,7 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..modeling.prompt_templates import PROMPT_TEMPLATES, prompt_engineering
+from ..prompts import PROMPT_TEMPLATES, prompt_engineering
 
 logger = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ import re
 from collections import Counter
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .coco import class_names_from_file
 from .coco_ovd import ALL_CATEGORIES
 from .image_text_sources import (
     CAPTIONS_JSONL,
@@ -55,8 +56,6 @@ def default_vocabulary(lvis_json: Optional[str] = None) -> List[str]:
     """COCO 80 names, then the LVIS names of ``lvis_json`` (if given) not already present."""
     names = coco_class_names()
     if lvis_json:
-        from ..modeling.text_encoder import class_names_from_file
-
         names += class_names_from_file(lvis_json)
     return list(dict.fromkeys(names))
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..config import dump_config, load_config
-from .launch import get_rank, is_main_process
+from ..distributed import get_rank, is_main_process
 
 
 def default_argument_parser(description: str = "RegionCLIP training and evaluation"):

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint import read_checkpoint, save_checkpoint
-from .launch import all_gather, get_local_rank, get_rank, get_world_size, is_main_process
+from ..distributed import all_gather, get_local_rank, get_rank, get_world_size, is_main_process
 from .metrics import TrainingMetrics
 from .solver import build_gradient_clipper, build_lr_scheduler, build_optimizer
 

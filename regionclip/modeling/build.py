@@ -7,7 +7,7 @@ import torch
 from ..config import check_clip_settings, resolve_clip_variant
 from .box_predictor import InferenceSettings, LossSettings, TextEmbeddingPredictor
 from .clip_resnet import CLIPResNet
-from .clip_variants import CLIPVariant
+from ..config.variants import CLIPVariant
 from .detector import CLIPFastRCNN
 from .mask_head import MaskHead
 from .offline_rpn import build_offline_rpn, offline_rpn_cfg

@@ -16,7 +16,7 @@ from open_clip.modified_resnet import AttentionPool2d, ModifiedResNet
 from torch import nn
 
 from ..ops import FrozenBatchNorm2d
-from .clip_variants import CLIPVariant
+from ..config.variants import CLIPVariant
 
 # detectron2 feature names -> ModifiedResNet stage attributes.
 STAGES = {"res2": "layer1", "res3": "layer2", "res4": "layer3", "res5": "layer4"}
