@@ -107,7 +107,8 @@ def build_prompts(name: str, templates=PROMPT_TEMPLATES) -> list:
     return [prompt_engineering(name, t) for t in templates]
 
 
-def tokenize(texts: Union[str, Sequence[str]], context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
+def tokenize(texts: Union[str, Sequence[str]],
+             context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
     """CLIP BPE ids, [N, context_length] long, zero-padded.
 
     Over-long texts: open_clip truncates and puts EOT in the last position; the original

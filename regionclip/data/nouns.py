@@ -20,14 +20,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .coco import class_names_from_file
 from .coco_ovd import ALL_CATEGORIES
-from .image_text_sources import (
-    CAPTIONS_JSONL,
-    TAR_SUFFIXES,
-    JsonlSource,
-    WebDatasetSource,
-    find_tsv_pairs,
-    iter_tsv_texts,
-)
+from .image_text_sources import CAPTIONS_JSONL, TAR_SUFFIXES, JsonlSource, WebDatasetSource
+from .image_text_tsv import find_tsv_pairs, iter_tsv_texts
 
 logger = logging.getLogger(__name__)
 
