@@ -21,8 +21,7 @@ from PIL import Image
 from .checkpoint import CheckpointMismatchError
 from .config.variants import get_variant
 from .data.coco import check_class_names
-from .data.image_io import read_image
-from .data.mapper import InferenceMapper, build_inference_mapper
+from .data.mapper import InferenceMapper, build_inference_mapper, read_image
 from .data.transforms import transform_boxes_xyxy
 from .engine.weights import load_model, resolve_spec, spec_config
 from .modeling.text_encoder import load_embeddings

@@ -23,7 +23,7 @@ from .api import Detector
 from .atomic import atomic_open
 from .checkpoint import CheckpointError
 from .data.coco import check_class_names, class_names_from_file
-from .data.image_io import IMAGE_EXTENSIONS, read_image, read_image_size
+from .data.mapper import IMAGE_EXTENSIONS, read_image, read_image_size
 from .evaluation.results import instances_to_coco_json, write_json_atomic
 from .visualization import draw_predictions, select_predictions
 

@@ -46,8 +46,7 @@ from regionclip.config import load_config
 from regionclip.data import coco_ovd
 from regionclip.data.catalog import get_metadata
 from regionclip.data.coco import load_image_folder
-from regionclip.data.image_io import ImageReadError, read_image
-from regionclip.data.mapper import build_inference_mapper
+from regionclip.data.mapper import ImageReadError, build_inference_mapper, read_image
 from regionclip.engine.weights import load_weights
 from regionclip.evaluation.lvis import lvis_numpy_compat
 from regionclip.modeling.build import build_model

@@ -21,6 +21,7 @@ from regionclip.data.loader import (
     per_process_batch,
     training_records,
 )
+from regionclip.data.mapper import TrainingMapper, polygons_to_mask, training_instances
 from regionclip.data.samplers import (
     RepeatFactorTrainingSampler,
     TrainingSampler,
@@ -28,7 +29,6 @@ from regionclip.data.samplers import (
     batched_items,
     repeat_factors_from_category_frequency,
 )
-from regionclip.data.train_mapper import TrainingMapper, polygons_to_mask, training_instances
 from regionclip.data.transforms import ResizeTransform
 from regionclip.structures import BoxMode
 

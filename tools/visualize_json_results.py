@@ -19,7 +19,7 @@ import cv2
 import tqdm
 
 from regionclip.data.catalog import DEFAULT_CUSTOM_IMAGE_DIR, get_dataset_dicts, get_metadata
-from regionclip.data.image_io import read_image
+from regionclip.data.mapper import read_image
 from regionclip.engine.defaults import setup_logging
 from regionclip.visualization import draw_predictions, select_predictions
 

@@ -17,7 +17,7 @@ from typing import List, Sequence
 
 from pycocotools.coco import COCO
 
-from regionclip.data.image_io import IMAGE_EXTENSIONS, read_image_size
+from regionclip.data.mapper import IMAGE_EXTENSIONS, read_image_size
 from regionclip.structures import BoxMode
 
 logger = logging.getLogger(__name__)

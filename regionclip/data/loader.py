@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..distributed import all_gather, get_rank, get_world_size
 from .catalog import get_dataset_dicts, get_metadata
+from .mapper import build_training_mapper
 from .samplers import (
     Item,
     RepeatFactorTrainingSampler,
@@ -23,7 +24,6 @@ from .samplers import (
     batched_items,
     repeat_factors_from_category_frequency,
 )
-from .train_mapper import build_training_mapper
 
 logger = logging.getLogger("regionclip")
 
