@@ -5,13 +5,14 @@ detectron2's parameter names (`stem.conv1.norm.weight`, `res2.0.shortcut.weight`
 `fpn_lateral2.weight`, ...) and its MSRA bottleneck layout (stride in the 1x1 conv when
 `stride_in_1x1`). torchvision's ResNet puts the stride in the 3x3 conv and cannot stand in.
 """
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regionclip.ops import FrozenBatchNorm2d
+from ..ops import FrozenBatchNorm2d
+from .clip_resnet import ShapeSpec
 
 NUM_BLOCKS_PER_DEPTH = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 STAGE_INDEX = {"res2": 2, "res3": 3, "res4": 4, "res5": 5}
@@ -24,13 +25,6 @@ _NORMS = {
     "SyncBN": nn.SyncBatchNorm,
     "GN": lambda channels: nn.GroupNorm(GN_GROUPS, channels),
 }
-
-
-class ShapeSpec(NamedTuple):
-    """Channels and stride (in input pixels) of one feature map."""
-
-    channels: int
-    stride: int
 
 
 def get_norm(norm: str, channels: int) -> Optional[nn.Module]:
@@ -252,17 +246,9 @@ def build_resnet(
     return ResNet(stem, stages, out_features).freeze(freeze_at)
 
 
-class LastLevelMaxPool(nn.Module):
-    """p6 = max-pool(kernel 1, stride 2) of p5, as in detectron2's FPN top block."""
-
-    in_feature = "p5"
-
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        return [F.max_pool2d(x, kernel_size=1, stride=2, padding=0)]
-
-
 class FPN(Freezable):
-    """Feature pyramid over a ResNet: outputs p2..p5 (+ p6 from the top block).
+    """Feature pyramid over a ResNet: outputs p2..p5 and p6 = max-pool(kernel 1, stride 2) of p5
+    (detectron2's `LastLevelMaxPool` top block, which has no parameters).
 
     Child names follow detectron2 (`fpn_lateral{k}`, `fpn_output{k}`, `bottom_up`); they are
     registered lateral/output per level first, then `bottom_up`, as detectron2 does.
@@ -290,7 +276,6 @@ class FPN(Freezable):
             _xavier_fill(output)
             self.add_module(f"fpn_lateral{level}", lateral)
             self.add_module(f"fpn_output{level}", output)
-        self.top_block = LastLevelMaxPool()
         self.bottom_up = bottom_up
         self.fuse_type = fuse_type
         self.size_divisibility = shapes[self.in_features[-1]].stride
@@ -311,7 +296,7 @@ class FPN(Freezable):
                     lateral = lateral / 2
             prev = lateral
             results.insert(0, getattr(self, f"fpn_output{level}")(prev))
-        results.extend(self.top_block(results[-1]))
+        results.append(F.max_pool2d(results[-1], kernel_size=1, stride=2, padding=0))
         return dict(zip(self._shapes, results))
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
