@@ -79,10 +79,6 @@ class Box2BoxTransform:
         pred_ctr_y = dy * heights[:, None] + ctr_y[:, None]
         pred_w = torch.exp(dw) * widths[:, None]
         pred_h = torch.exp(dh) * heights[:, None]
-
-        pred = torch.zeros_like(deltas)
-        pred[:, 0::4] = pred_ctr_x - 0.5 * pred_w
-        pred[:, 1::4] = pred_ctr_y - 0.5 * pred_h
-        pred[:, 2::4] = pred_ctr_x + 0.5 * pred_w
-        pred[:, 3::4] = pred_ctr_y + 0.5 * pred_h
-        return pred
+        pred = (pred_ctr_x - 0.5 * pred_w, pred_ctr_y - 0.5 * pred_h,
+                pred_ctr_x + 0.5 * pred_w, pred_ctr_y + 0.5 * pred_h)
+        return torch.stack(pred, dim=2).reshape(deltas.shape)
