@@ -11,6 +11,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.nn.functional import all_gather as differentiable_all_gather
 
+from ..distributed import get_world_size
+
 DEFAULT_TEMPERATURE = 0.01
 
 
@@ -87,10 +89,6 @@ def _gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, counts)])
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def image_text_contrastive(
     image_emb: torch.Tensor,
     text_emb: torch.Tensor,
@@ -112,7 +110,7 @@ def image_text_contrastive(
                          f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
     image = F.normalize(image_emb.float(), dim=1)
     text = F.normalize(text_emb.float(), dim=1)
-    if gather and _distributed():
+    if gather and get_world_size() > 1:
         image, text = _gather_rows(image), _gather_rows(text)
     if image.shape[0] == 0:
         return _zero_loss(image_emb, text_emb)
