@@ -19,17 +19,9 @@ from .defaults import _C
 from .variants import CLIPVariant, get_variant, variant_from_depth
 
 __all__ = [
-    "CLIP_BACKBONE_NAME",
-    "ConfigError",
-    "get_cfg",
-    "merge_config_file",
-    "merge_overrides",
-    "load_config",
-    "uses_clip_backbone",
-    "resolve_clip_variant",
-    "check_clip_settings",
-    "finalize_clip_settings",
-    "dump_config",
+    "CLIP_BACKBONE_NAME", "ConfigError", "get_cfg", "merge_config_file", "merge_overrides",
+    "load_config", "uses_clip_backbone", "resolve_clip_variant", "check_clip_settings",
+    "finalize_clip_settings", "dump_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -59,9 +51,6 @@ def get_cfg() -> CfgNode:
     return _C.clone()
 
 
-# ---------------------------------------------------------------------------------------------
-# YAML files
-# ---------------------------------------------------------------------------------------------
 class _WarnDuplicatesLoader(yaml.SafeLoader):
     """Safe loader that warns when a mapping repeats a key (the last value still wins)."""
 
@@ -70,12 +59,8 @@ class _WarnDuplicatesLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                logger.warning(
-                    "%s:%d: duplicate key %r in one mapping; the last one wins",
-                    self.name,
-                    key_node.start_mark.line + 1,
-                    key,
-                )
+                logger.warning("%s:%d: duplicate key %r in one mapping; the last one wins",
+                               self.name, key_node.start_mark.line + 1, key)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -130,9 +115,6 @@ def _flatten(data: Dict[str, Any], node: CfgNode, prefix: str = "") -> List[Tupl
     return pairs
 
 
-# ---------------------------------------------------------------------------------------------
-# Merging
-# ---------------------------------------------------------------------------------------------
 def _has_key(cfg: CfgNode, full_key: str) -> bool:
     node: Any = cfg
     for part in full_key.split("."):
@@ -211,9 +193,6 @@ def load_config(path: str, overrides: Iterable[Any] = ()) -> CfgNode:
     return cfg
 
 
-# ---------------------------------------------------------------------------------------------
-# CLIP variant consistency
-# ---------------------------------------------------------------------------------------------
 def uses_clip_backbone(cfg: CfgNode) -> bool:
     """Whether the model's trunk is a CLIP ResNet (the variant checks apply only then)."""
     return cfg.MODEL.BACKBONE.NAME == CLIP_BACKBONE_NAME
@@ -267,16 +246,10 @@ def check_clip_settings(cfg: CfgNode) -> None:
     student, teacher = resolve_clip_variant(cfg), resolve_clip_variant(cfg, teacher=True)
     via, teacher_via = _variant_source(cfg), _variant_source(cfg, teacher=True)
     _check_derived(cfg, "MODEL.CLIP.TEXT_EMB_DIM", student.embed_dim, student.name, via)
-    _check_derived(
-        cfg, "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", student.pooler_resolution, student.name, via
-    )
-    _check_derived(
-        cfg,
-        "MODEL.CLIP.TEACHER_POOLER_RESOLUTION",
-        teacher.pooler_resolution,
-        teacher.name,
-        teacher_via,
-    )
+    _check_derived(cfg, "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", student.pooler_resolution,
+                   student.name, via)
+    _check_derived(cfg, "MODEL.CLIP.TEACHER_POOLER_RESOLUTION", teacher.pooler_resolution,
+                   teacher.name, teacher_via)
     res2, expected = cfg.MODEL.RESNETS.RES2_OUT_CHANNELS, student.stage_channels[0]
     if res2 not in (_DEFAULT_RES2_CHANNELS, expected):
         raise ConfigError(
@@ -312,15 +285,9 @@ def finalize_clip_settings(cfg: CfgNode) -> CfgNode:
     return cfg
 
 
-# ---------------------------------------------------------------------------------------------
-# Dump
-# ---------------------------------------------------------------------------------------------
 def dump_config(cfg: CfgNode, output_dir: str) -> str:
-    """Write ``cfg`` to ``output_dir/config.yaml`` atomically; return the file path.
-
-    The text goes to a temporary file in the same folder first and is then renamed over the
-    target, so a crash never leaves a truncated config behind.
-    """
+    """Write ``cfg`` to ``output_dir/config.yaml`` atomically (a crash never leaves a truncated
+    config behind); return the file path."""
     path = os.path.join(output_dir, DUMP_FILE_NAME)
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(cfg.dump())
