@@ -63,10 +63,6 @@ def scan_line_offsets(path: str) -> np.ndarray:
     return np.asarray(offsets, dtype=np.int64)
 
 
-
-# ---------------------------------------------------------------------------------------------
-# Folder of images + captions.jsonl
-# ---------------------------------------------------------------------------------------------
 def _jsonl_entry(line: str, path: str, line_number: int, max_captions: int):
     try:
         entry = json.loads(line)
@@ -117,9 +113,6 @@ class JsonlSource:
             yield _jsonl_entry(line, self.path, number, None)[2]
 
 
-# ---------------------------------------------------------------------------------------------
-# webdataset tar shards (img2dataset)
-# ---------------------------------------------------------------------------------------------
 def expand_braces(pattern: str) -> List[str]:
     """``a/{00000..00002}.tar`` -> three paths (zero padding kept); ``{x,y}`` lists too."""
     match = _BRACE.search(pattern)
