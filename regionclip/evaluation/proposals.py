@@ -38,15 +38,6 @@ def greedy_matched_overlaps(proposals: Boxes, gt_boxes: Boxes) -> torch.Tensor:
     return matched
 
 
-def gt_boxes_at_original_size(instances, height: int, width: int) -> Boxes:
-    """The mapper's ``gt_boxes`` (at the resized input size) in the original image's pixels,
-    the frame of the model's proposals, with the per-axis factors the model rescales by."""
-    boxes = instances.gt_boxes.clone().to("cpu")
-    resized_h, resized_w = instances.image_size
-    boxes.scale(width / resized_w, height / resized_h)
-    return boxes
-
-
 class ProposalRecallEvaluator:
     """Recall (percent) of non-crowd ground-truth boxes by the top-k proposals of each image.
 
@@ -83,8 +74,11 @@ class ProposalRecallEvaluator:
             proposals = out["proposals"].to("cpu")
             order = proposals.objectness_logits.argsort(descending=True)
             boxes = proposals.proposal_boxes[order]
-            height, width = proposals.image_size
-            gt_boxes = gt_boxes_at_original_size(inp["instances"], height, width)
+            # The mapper's gt_boxes (resized input) in the original pixels of the proposals,
+            # with the per-axis factors the model rescales by.
+            (height, width), gt = proposals.image_size, inp["instances"]
+            gt_boxes = gt.gt_boxes.clone().to("cpu")
+            gt_boxes.scale(width / gt.image_size[1], height / gt.image_size[0])
             overlaps = {k: greedy_matched_overlaps(boxes[:k], gt_boxes) for k in self.limits}
             self._predictions.append({"image_id": inp.get("image_id"), "overlaps": overlaps})
 
@@ -110,6 +104,5 @@ def _mean_recall(overlaps: torch.Tensor, thresholds: torch.Tensor) -> float:
     """Percent of ground-truth boxes with matched IoU >= t, averaged over ``thresholds``."""
     if len(overlaps) == 0:
         return math.nan
-    thresholds = thresholds.to(torch.float32)
     recalls = (overlaps[None, :] >= thresholds[:, None]).float().mean(dim=1)
     return float(recalls.mean() * 100)
