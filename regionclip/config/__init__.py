@@ -115,15 +115,6 @@ def _flatten(data: Dict[str, Any], node: CfgNode, prefix: str = "") -> List[Tupl
     return pairs
 
 
-def _has_key(cfg: CfgNode, full_key: str) -> bool:
-    node: Any = cfg
-    for part in full_key.split("."):
-        if not isinstance(node, CfgNode) or part not in node:
-            return False
-        node = node[part]
-    return True
-
-
 def _read(cfg: CfgNode, full_key: str) -> Any:
     node: Any = cfg
     for part in full_key.split("."):
@@ -132,6 +123,7 @@ def _read(cfg: CfgNode, full_key: str) -> Any:
 
 
 def _all_keys(node: CfgNode, prefix: str = "") -> List[str]:
+    """Every full key of the tree, nodes and leaves ("MODEL", "MODEL.WEIGHTS", ...)."""
     keys = []
     for key, value in node.items():
         keys.append(prefix + key)
@@ -140,8 +132,7 @@ def _all_keys(node: CfgNode, prefix: str = "") -> List[str]:
     return keys
 
 
-def _unknown_key_message(cfg: CfgNode, unknown: Sequence[str], source: str) -> str:
-    known = _all_keys(cfg)
+def _unknown_key_message(known: List[str], unknown: Sequence[str], source: str) -> str:
     lines = [f"Unknown config key(s) in {source}:"]
     for key in unknown:
         close = difflib.get_close_matches(key, known, n=1)
@@ -151,9 +142,10 @@ def _unknown_key_message(cfg: CfgNode, unknown: Sequence[str], source: str) -> s
 
 def _merge_pairs(cfg: CfgNode, pairs: Sequence[Tuple[str, Any]], source: str) -> None:
     """Set each key to its value with yacs' literal decoding and type checks."""
-    unknown = [key for key, _ in pairs if not _has_key(cfg, key)]
+    known = _all_keys(cfg)
+    unknown = [key for key, _ in pairs if key not in known]
     if unknown:
-        raise ConfigError(_unknown_key_message(cfg, unknown, source))
+        raise ConfigError(_unknown_key_message(known, unknown, source))
     for key, value in pairs:
         try:
             cfg.merge_from_list([key, value])
