@@ -46,14 +46,8 @@ class Matcher:
         self.allow_low_quality_matches = allow_low_quality_matches
 
     def __call__(self, match_quality_matrix: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Match predictions to ground truth.
-
-        Args:
-            match_quality_matrix: [M, N] non-negative quality (IoU) of M gt x N predictions.
-        Returns:
-            matches: [N] int64 index of the best gt (0 when there is no gt).
-            match_labels: [N] int8 label of each prediction; with no gt all get ``labels[0]``.
-        """
+        """[M, N] non-negative quality (IoU) of M gt x N predictions -> (matches: [N] int64
+        index of the best gt, 0 without gt; match_labels: [N] int8, ``labels[0]`` without gt)."""
         if match_quality_matrix.dim() != 2:
             raise ValueError(f"Expected an [M, N] matrix, got {tuple(match_quality_matrix.shape)}")
         num_pred = match_quality_matrix.shape[1]
@@ -165,16 +159,10 @@ def _sample_image(props: Instances, gt: Instances, num_classes: int,
 @torch.no_grad()
 def label_and_sample_proposals(proposals: List[Instances], targets: List[Instances],
                                num_classes: int, sampling: RoISampling) -> List[Instances]:
-    """Training RoIs of each image.
-
-    Args:
-        proposals: per image ``proposal_boxes`` and ``objectness_logits``.
-        targets: per image ``gt_boxes`` and ``gt_classes`` (contiguous, < num_classes).
-        num_classes: foreground classes; label ``num_classes`` is background.
-    Returns:
-        per image the sampled proposals (foreground first) with ``gt_classes`` (class or
-        background), ``gt_boxes`` (matched ground-truth box) and ``gt_index`` (index of that
-        box in the image's targets, e.g. to crop its mask).
+    """Training RoIs of each image: the sampled ``proposals`` (foreground first) with
+    ``gt_classes`` (the class, or ``num_classes`` for background), ``gt_boxes`` (matched
+    ground-truth box) and ``gt_index`` (that box's index in ``targets``, e.g. to crop its mask).
+    ``targets``: per image ``gt_boxes`` and ``gt_classes`` (contiguous, < num_classes).
     """
     if sampling.append_gt:
         proposals = append_ground_truth(proposals, targets)

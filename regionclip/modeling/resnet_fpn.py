@@ -117,10 +117,8 @@ class BasicStem(nn.Module):
 
 
 class BottleneckBlock(nn.Module):
-    """1x1 -> 3x3 (grouped, dilated) -> 1x1 residual block with a projection shortcut.
-
-    `stride_in_1x1=True` is the MSRA layout of detectron2's ImageNet-initialised models.
-    """
+    """1x1 -> 3x3 (grouped, dilated) -> 1x1 residual block with a projection shortcut;
+    `stride_in_1x1=True` is the MSRA layout of detectron2's ImageNet-initialised models."""
 
     def __init__(
         self, in_channels: int, out_channels: int, *, bottleneck_channels: int, stride: int = 1,
@@ -164,9 +162,7 @@ class BottleneckBlock(nn.Module):
 
 class ResNet(Freezable):
     """Stem plus stages `res2`, `res3`, ...; forward returns {name: feature} for `out_features`.
-
-    `size_divisibility` is 0: a plain ResNet accepts any input size.
-    """
+    `size_divisibility` is 0: a plain ResNet accepts any input size."""
 
     size_divisibility = 0
 
@@ -217,10 +213,8 @@ def build_resnet(
     width_per_group: int = 64, stride_in_1x1: bool = True, res5_dilation: int = 1,
     in_channels: int = 3,
 ) -> ResNet:
-    """Bottleneck ResNet with detectron2's `build_resnet_backbone` stage arithmetic.
-
-    Only the stages up to the deepest requested output are built (C4: res2..res4).
-    """
+    """Bottleneck ResNet with detectron2's `build_resnet_backbone` stage arithmetic; only the
+    stages up to the deepest requested output are built (C4: res2..res4)."""
     if depth not in NUM_BLOCKS_PER_DEPTH:
         raise ValueError(f"RESNETS.DEPTH {depth} unsupported; valid: {list(NUM_BLOCKS_PER_DEPTH)}")
     if res5_dilation not in (1, 2):

@@ -37,10 +37,8 @@ def _broadcast(params: Sequence, num_levels: int, name: str) -> List[List[float]
 
 
 def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> torch.Tensor:
-    """Anchors centred at (0, 0): [len(sizes) * len(ratios), 4] xyxy, sizes outer, ratios inner.
-
-    A size is sqrt(area); a ratio is height / width.
-    """
+    """Anchors centred at (0, 0): [len(sizes) * len(ratios), 4] xyxy, sizes outer, ratios inner;
+    a size is sqrt(area), a ratio height / width."""
     anchors = []
     for size in sizes:
         for ratio in aspect_ratios:
@@ -51,10 +49,8 @@ def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> torc
 
 
 class DefaultAnchorGenerator(nn.Module):
-    """Cell anchors tiled over each feature map (row-major locations, cell anchors inner).
-
-    The cell anchors are non-persistent buffers: detectron2 checkpoints carry no anchor keys.
-    """
+    """Cell anchors tiled over each feature map (row-major locations, cell anchors inner); they
+    are non-persistent buffers: detectron2 checkpoints carry no anchor keys."""
 
     def __init__(self, sizes, aspect_ratios, strides: Sequence[int], offset: float = 0.0):
         super().__init__()
