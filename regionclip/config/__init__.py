@@ -174,11 +174,8 @@ def merge_overrides(
 
 def load_config(path: str, overrides: Iterable[Any] = ()) -> CfgNode:
     """Defaults, then ``path`` (with ``_BASE_``), then ``KEY VALUE`` overrides; CLIP-checked.
-
-    Raises:
-        ConfigError: unknown key, bad value or inconsistent CLIP settings; the message names
-            the key and the file (or "command-line overrides").
-    """
+    Raises ConfigError for an unknown key, a bad value or inconsistent CLIP settings, naming
+    the key and the file (or "command-line overrides")."""
     cfg = merge_config_file(get_cfg(), path)
     merge_overrides(cfg, list(overrides))
     check_clip_settings(cfg)
@@ -204,10 +201,8 @@ def _variant_source(cfg: CfgNode, teacher: bool = False) -> str:
 
 
 def resolve_clip_variant(cfg: CfgNode, teacher: bool = False) -> CLIPVariant:
-    """The CLIP ResNet named by ``MODEL.CLIP.VARIANT`` or, when empty, the legacy depth.
-
-    ``teacher=True`` reads ``TEACHER_VARIANT`` / ``TEACHER_RESNETS_DEPTH`` instead.
-    """
+    """The CLIP ResNet named by ``MODEL.CLIP.VARIANT`` or, when empty, the legacy depth
+    (``teacher=True``: ``TEACHER_VARIANT`` / ``TEACHER_RESNETS_DEPTH``)."""
     name_key, depth_key = _variant_keys(teacher)
     name = _read(cfg, name_key)
     try:

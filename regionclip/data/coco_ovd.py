@@ -62,10 +62,8 @@ def build_ovd_split(instances, split):
 
 
 def iter_ovd_jsons(coco_root):
-    """Yield ``(output_path, json_dict)`` for the six OVD files under ``coco_root/annotations``.
-
-    Both COCO instances files are checked before anything is yielded; each is read once.
-    """
+    """Yield ``(output_path, json_dict)`` for the six OVD files under ``coco_root/annotations``;
+    both COCO instances files are checked before anything is yielded, each is read once."""
     annotation_dir = os.path.join(coco_root, "annotations")
     sources = {s: os.path.join(annotation_dir, f"instances_{s}.json") for s in IMAGE_SETS}
     missing = [path for path in sources.values() if not os.path.isfile(path)]

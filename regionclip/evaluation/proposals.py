@@ -83,10 +83,8 @@ class ProposalRecallEvaluator:
             self._predictions.append({"image_id": inp.get("image_id"), "overlaps": overlaps})
 
     def evaluate(self, predictions=None):
-        """``{"proposals": {"AR@k", "R@k_IoU<t>"}}`` in percent (NaN without ground truth).
-
-        ``predictions`` defaults to what ``process`` collected in this process.
-        """
+        """``{"proposals": {"AR@k", "R@k_IoU<t>"}}`` in percent (NaN without ground truth) of
+        ``predictions``, by default what ``process`` collected in this process."""
         predictions = self._predictions if predictions is None else predictions
         if sum(len(p["overlaps"][self.limits[0]]) for p in predictions) == 0:
             logger.warning("No ground-truth boxes to recall; proposal recall is NaN")
