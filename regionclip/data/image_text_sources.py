@@ -98,14 +98,11 @@ class JsonlSource:
         with open(self.path, encoding="utf-8") as f:
             yield from filter(str.strip, f)
 
-    def _entry(self, index: int):
+    def read(self, index: int, rng) -> RawSample:
         with open(self.path, "rb") as f:
             f.seek(int(self.offsets[index]))
             line = f.readline().decode("utf-8")
-        return _jsonl_entry(line, self.path, index + 1, self.max_captions)
-
-    def read(self, index: int, rng) -> RawSample:
-        key, file_name, captions = self._entry(index)
+        key, file_name, captions = _jsonl_entry(line, self.path, index + 1, self.max_captions)
         return RawSample(key, os.path.join(self.root, file_name), captions)
 
     def iter_captions(self) -> Iterator[List[str]]:
