@@ -7,9 +7,9 @@ import logging
 import math
 
 import numpy as np
-from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from regionclip.data.coco import load_coco_api
 from regionclip.evaluation.results import ResultsEvaluator
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class COCOEvaluator(ResultsEvaluator):
 
     def __init__(self, json_file, output_dir="", contiguous_to_dataset_id=None,
                  novel_dataset_ids=(), base_dataset_ids=(), per_class=True):
-        self.coco_gt = _quiet(COCO, json_file)
+        self.coco_gt = load_coco_api(json_file)
         if contiguous_to_dataset_id is None:
             contiguous_to_dataset_id = dict(enumerate(sorted(self.coco_gt.getCatIds())))
         super().__init__(output_dir, contiguous_to_dataset_id)
