@@ -5,6 +5,7 @@ the Python API) on tiny files made here. The output-folder cases are in
 ``test_hardening_runs.py``.
 """
 import json
+import logging
 import math
 
 import pytest
@@ -104,6 +105,36 @@ def test_unknown_category_and_image_ids_and_nan_boxes_are_dropped_with_warnings(
     assert "WARNING] 1 annotations with a NaN or infinite box were dropped" in log
     for result in read_json(results_file(tmp_path)):
         assert all(math.isfinite(v) for v in result["bbox"])
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. nothing to evaluate
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("annotations", [[], None])
+def test_a_json_without_annotations_reports_no_ap(tmp_path, coco, capsys, annotations):
+    json_path, content, dataset = coco
+    if annotations is None:
+        del content["annotations"]
+    else:
+        content["annotations"] = annotations
+    write_json(json_path, content)
+    results = eval_only(tmp_path, dataset)
+    assert results == {dataset: {}}
+    log = capsys.readouterr().out
+    assert f"WARNING] {json_path} has no annotations: there is nothing to evaluate" in log
+    assert "nan" not in log.lower()
+    assert results_file(tmp_path).exists()  # the detections are still written
+
+
+def test_lvis_evaluator_reports_no_ap_without_annotations(tmp_path, caplog):
+    json_path, _ = make_lvis_dataset(tmp_path / "lvis", num_images=2)
+    content = read_json(json_path)
+    content["annotations"] = []
+    write_json(json_path, content)
+    evaluator = LVISEvaluator(json_path, str(tmp_path / "out"))
+    with caplog.at_level(logging.WARNING):
+        assert evaluator.evaluate([]) == {}
+    assert "has no annotations" in caplog.text
 
 
 def test_lvis_evaluator_rejects_repeated_image_ids(tmp_path):

@@ -10,6 +10,7 @@ import numpy as np
 from lvis import LVIS, LVISEval, LVISResults
 
 from regionclip.data.coco import check_coco_dataset
+from regionclip.evaluation.coco import warn_nothing_to_evaluate
 from regionclip.evaluation.results import ResultsEvaluator
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class LVISEvaluator(ResultsEvaluator):
 
     def __init__(self, json_file, output_dir="", contiguous_to_dataset_id=None,
                  run_evaluation=True, max_dets_per_image=LVIS_MAX_DETS):
+        self.json_file = json_file
         self.lvis_gt = _load_lvis(json_file) if run_evaluation else None
         if contiguous_to_dataset_id is None:
             if self.lvis_gt is None:
@@ -51,6 +53,9 @@ class LVISEvaluator(ResultsEvaluator):
         results = self._flatten_and_write(predictions)
         if not self.run_evaluation:
             logger.info("Evaluation is off for this dataset; wrote %s", self.results_path)
+            return {}
+        if not self.lvis_gt.anns:
+            warn_nothing_to_evaluate(self.json_file, self.results_path)
             return {}
         if not results:
             logger.warning("No predictions to evaluate; LVIS metrics are NaN")
