@@ -6,10 +6,10 @@ checkpoints and periodic evaluation. Optional automatic mixed precision: float16
 gradient scaler on CUDA, bfloat16 on the CPU.
 
 A checkpoint holds the model, optimizer, scheduler (and gradient scaler), the number of
-completed iterations, the data seed and the random-number states of every process (python,
-numpy, torch, CUDA). The data order is a function of the seed and the iteration (see
-``regionclip/data/samplers.py``), so a run resumed from a checkpoint continues exactly the
-trajectory of an uninterrupted one.
+completed iterations, the data seed, the random-number states of every process (python,
+numpy, torch, CUDA) and the metrics' smoothing windows. The data order is a function of the
+seed and the iteration (see ``regionclip/data/samplers.py``), so a run resumed from a
+checkpoint continues exactly the trajectory, and the ``metrics.json``, of an uninterrupted one.
 """
 import contextlib
 import inspect
@@ -195,6 +195,8 @@ class Trainer:
         self.tensorboard = tensorboard
         self.start_iter = 0
         self.eval_results: Dict = {}
+        self.metrics: Optional[TrainingMetrics] = None  # while training
+        self._metrics_state: Optional[Dict] = None  # from the checkpoint resumed from
         self.device_type = next(model.parameters()).device.type
         self.amp = amp
         self.amp_dtype = amp_dtype or (torch.float16 if self.device_type == "cuda"
@@ -227,6 +229,7 @@ class Trainer:
         if "data" in state and hasattr(self.data_loader, "load_state_dict"):
             self.data_loader.load_state_dict(state["data"])
         self.start_iter = int(state["iteration"])
+        self._metrics_state = state.get("metrics")
         self._restore_rng(state.get("rng", []))
         logger.info("Resumed from %s at iteration %d", path, self.start_iter)
 
@@ -245,15 +248,17 @@ class Trainer:
             logger.info("Training already complete (%d iterations)", self.max_iter)
             return self.eval_results
         logger.info("Starting training from iteration %d", self.start_iter)
-        metrics = TrainingMetrics(self.output_dir, self.max_iter, self.start_iter,
-                                  self.log_period, tensorboard=self.tensorboard)
+        self.metrics = TrainingMetrics(self.output_dir, self.max_iter, self.start_iter,
+                                       self.log_period, tensorboard=self.tensorboard,
+                                       state=self._metrics_state)
         self.model.train()
         data = self._data_iterator()
         try:
             for iteration in range(self.start_iter, self.max_iter):
-                self._iteration(iteration, data, metrics)
+                self._iteration(iteration, data, self.metrics)
         finally:
-            metrics.close()
+            self.metrics.close()
+            self.metrics = None
         return self.eval_results
 
     def _data_iterator(self) -> Iterator:
@@ -340,6 +345,8 @@ class Trainer:
             extra["data"] = self.data_loader.state_dict()
         if self.scaler is not None:
             extra["grad_scaler"] = self.scaler.state_dict()
+        if self.metrics is not None:
+            extra["metrics"] = self.metrics.state_dict()
         save_checkpoint(os.path.join(self.output_dir, name), self.module.state_dict(), **extra)
         write_atomic_text(os.path.join(self.output_dir, LAST_CHECKPOINT_FILE), name)
         logger.info("Saved checkpoint %s (iteration %d)", name, iteration)

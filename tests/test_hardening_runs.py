@@ -1,0 +1,82 @@
+"""Hardening of training runs (issue 12, "lost or mixed runs"), through tools/train_net.py.
+
+A resumed run writes the ``metrics.json`` of an uninterrupted one.
+"""
+from pathlib import Path
+
+import pytest
+import torch
+from _data_utils import make_coco_dataset
+from _engine_utils import Killed, read_json_lines
+from _tool_utils import run_train_net
+
+from regionclip.engine.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "tests" / "tiny.yaml"
+WALL_CLOCK = ("time", "data_time")  # the only metrics that differ between identical runs
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    json_path, image_dir = make_coco_dataset(tmp_path_factory.mktemp("data"), num_images=4,
+                                             image_size=(48, 64))
+    return f"coco_json:{json_path}:{image_dir}"
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the child processes
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_args(dataset, out, max_iter, *flags, lr="0.01"):
+    return [*flags, "--config-file", TINY_CONFIG, "DATASETS.TRAIN", f'("{dataset}",)',
+            "DATASETS.TEST", f'("{dataset}",)', "OUTPUT_DIR", out, "SOLVER.MAX_ITER", max_iter,
+            "SOLVER.CHECKPOINT_PERIOD", 2, "SOLVER.BASE_LR", lr]
+
+
+def train(dataset, out, max_iter, *flags, **kwargs):
+    return run_train_net(train_args(dataset, out, max_iter, *flags, **kwargs))
+
+
+def without_wall_clock(lines):
+    return [{k: v for k, v in line.items() if k not in WALL_CLOCK} for line in lines]
+
+
+def kill_at_iteration(monkeypatch, iteration):
+    run_step = Trainer.run_step
+
+    def step(self, i, batch):
+        if i == iteration:
+            raise Killed(f"killed at iteration {i}")
+        return run_step(self, i, batch)
+
+    monkeypatch.setattr(Trainer, "run_step", step)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. metrics.json of a resumed run
+# ---------------------------------------------------------------------------------------------
+def test_resumed_metrics_equal_an_uninterrupted_run(tmp_path, dataset, monkeypatch):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(dataset, straight, 6)
+    kill_at_iteration(monkeypatch, 5)
+    with pytest.raises(Killed):
+        train(dataset, resumed, 6)
+    monkeypatch.undo()
+    with open(resumed / "metrics.json", "a") as f:
+        f.write('{"iteration": 5, "lr": 0.0')  # killed while writing a line
+
+    train(dataset, resumed, 6, "--resume")
+    expected = without_wall_clock(read_json_lines(straight / "metrics.json"))
+    got = without_wall_clock(read_json_lines(resumed / "metrics.json"))
+    assert [line["iteration"] for line in got] == [5, 5]
+    assert [sorted(line) for line in got] == [sorted(line) for line in expected]
+    for line, reference in zip(got, expected):
+        numbers = {k for k, v in reference.items() if v is not None}
+        assert {k: line[k] for k in numbers} == pytest.approx(
+            {k: reference[k] for k in numbers}, rel=1e-6)
