@@ -1,7 +1,12 @@
 """Hardening of training runs (issue 12, "lost or mixed runs"), through tools/train_net.py.
 
-A resumed run writes the ``metrics.json`` of an uninterrupted one.
+A run killed with SIGKILL during the final evaluation finishes it when resumed, and a resumed
+run writes the ``metrics.json`` of an uninterrupted one.
 """
+import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,11 +15,23 @@ from _data_utils import make_coco_dataset
 from _engine_utils import Killed, read_json_lines
 from _tool_utils import run_train_net
 
+from regionclip.checkpoint import read_checkpoint
 from regionclip.engine.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tests" / "tiny.yaml"
+TRAIN_NET = REPO / "tools" / "train_net.py"
 WALL_CLOCK = ("time", "data_time")  # the only metrics that differ between identical runs
+# tools/train_net.py in a child process that kills itself (SIGKILL, as `kill -9`) at a point
+# chosen by the test: argv[1] is python code run first, which may call `die()`.
+KILLING_DRIVER = """
+import os, runpy, signal, sys
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+exec(sys.argv[1])
+sys.argv = [{train_net!r}] + sys.argv[2:]
+runpy.run_path({train_net!r}, run_name="__main__")
+""".format(train_net=str(TRAIN_NET))
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +60,12 @@ def train(dataset, out, max_iter, *flags, **kwargs):
     return run_train_net(train_args(dataset, out, max_iter, *flags, **kwargs))
 
 
+def run_killed(tmp_path, code, args):
+    """train_net in a child process running ``code`` first; returns the completed process."""
+    command = [sys.executable, "-c", KILLING_DRIVER, code, *map(str, args)]
+    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
 def without_wall_clock(lines):
     return [{k: v for k, v in line.items() if k not in WALL_CLOCK} for line in lines]
 
@@ -56,6 +79,27 @@ def kill_at_iteration(monkeypatch, iteration):
         return run_step(self, i, batch)
 
     monkeypatch.setattr(Trainer, "run_step", step)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. SIGKILL during the final evaluation
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_kill_during_the_final_evaluation_then_resume_evaluates(tmp_path, dataset):
+    out = tmp_path / "out"
+    code = "import regionclip.evaluation.coco as c; c.COCOEvaluator.evaluate = lambda *a: die()"
+    killed = run_killed(tmp_path, code, train_args(dataset, out, 2))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert read_checkpoint(out / "model_final.pth")["iteration"] == 2
+    assert not (out / "inference" / "metrics.json").exists()
+
+    results = train(dataset, out, 2, "--resume")
+    assert results[dataset]["bbox"]["AP"] >= 0
+    with open(out / "inference" / "metrics.json") as f:
+        assert json.dumps(json.load(f)) == json.dumps(results)  # (NaN != NaN)
+    evaluations = [line for line in read_json_lines(out / "metrics.json")
+                   if f"{dataset}/bbox/AP" in line]
+    assert [line["iteration"] for line in evaluations] == [1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ from .solver import build_gradient_clipper, build_lr_scheduler, build_optimizer
 logger = logging.getLogger("regionclip")
 
 LAST_CHECKPOINT_FILE = "last_checkpoint"
+# the iteration of the last finished evaluation: a run killed while evaluating redoes it
+LAST_EVALUATION_FILE = "last_evaluation"
 FINAL_CHECKPOINT = "model_final.pth"
 _PERIODIC = re.compile(r"model_(\d{7})\.pth")
 
@@ -145,6 +147,15 @@ def last_checkpoint_path(output_dir: str) -> str:
     return path if os.path.isfile(path) else ""
 
 
+def last_evaluation(output_dir: str) -> int:
+    """The iteration of the last finished evaluation in ``output_dir`` (-1: none)."""
+    try:
+        with open(os.path.join(output_dir, LAST_EVALUATION_FILE)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return -1
+
+
 # ---------------------------------------------------------------------------------------------
 # Trainer
 # ---------------------------------------------------------------------------------------------
@@ -243,23 +254,43 @@ class Trainer:
 
     # ---- loop -----------------------------------------------------------------------------
     def train(self) -> Dict:
-        """Train to ``max_iter``; returns the results of the last evaluation."""
-        if self.start_iter >= self.max_iter:
-            logger.info("Training already complete (%d iterations)", self.max_iter)
-            return self.eval_results
-        logger.info("Starting training from iteration %d", self.start_iter)
+        """Train to ``max_iter``; returns the results of the last evaluation.
+
+        A resumed run first redoes the evaluation after its checkpoint when the interrupted
+        run did not finish it (e.g. killed during the final evaluation).
+        """
         self.metrics = TrainingMetrics(self.output_dir, self.max_iter, self.start_iter,
                                        self.log_period, tensorboard=self.tensorboard,
                                        state=self._metrics_state)
-        self.model.train()
-        data = self._data_iterator()
         try:
+            if self._evaluation_unfinished():
+                logger.info("Redoing the evaluation of iteration %d, which the interrupted "
+                            "run did not finish", self.start_iter - 1)
+                self.evaluate(self.start_iter - 1, self.metrics)
+            if self.start_iter >= self.max_iter:
+                logger.info("Training already complete (%d iterations)", self.max_iter)
+                return self.eval_results
+            logger.info("Starting training from iteration %d", self.start_iter)
+            self.model.train()
+            data = self._data_iterator()
             for iteration in range(self.start_iter, self.max_iter):
                 self._iteration(iteration, data, self.metrics)
         finally:
             self.metrics.close()
             self.metrics = None
         return self.eval_results
+
+    def _evaluation_due(self, done: int) -> bool:
+        """Whether an evaluation follows the iteration that completes ``done`` iterations."""
+        periodic = bool(self.eval_period) and done % self.eval_period == 0
+        return self.eval_fn is not None and (periodic or done == self.max_iter)
+
+    def _evaluation_unfinished(self) -> bool:
+        """The main process's answer (the same on every process, which all evaluate)."""
+        done = self.start_iter
+        if not (self.output_dir and 0 < done <= self.max_iter and self._evaluation_due(done)):
+            return False
+        return all_gather(last_evaluation(self.output_dir) < done - 1)[0]
 
     def _data_iterator(self) -> Iterator:
         if hasattr(self.data_loader, "iter_from"):
@@ -321,8 +352,7 @@ class Trainer:
             self.save(FINAL_CHECKPOINT, done)
         elif self.checkpoint_period and done % self.checkpoint_period == 0:
             self.save(f"model_{iteration:07d}.pth", done)
-        periodic_eval = self.eval_period and done % self.eval_period == 0
-        if self.eval_fn is not None and (periodic_eval or last):
+        if self._evaluation_due(done):
             self.evaluate(iteration, metrics)
 
     def evaluate(self, iteration: int, metrics: TrainingMetrics) -> Dict:
@@ -331,6 +361,8 @@ class Trainer:
             self.eval_results = self.eval_fn(self.module) or {}
         self.module.train()
         metrics.write_results(iteration, self.eval_results)
+        if is_main_process() and self.output_dir:
+            write_atomic_text(os.path.join(self.output_dir, LAST_EVALUATION_FILE), str(iteration))
         return self.eval_results
 
     # ---- checkpoints ----------------------------------------------------------------------
