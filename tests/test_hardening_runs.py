@@ -1,9 +1,11 @@
 """Hardening of training runs (issue 12, "lost or mixed runs"), through tools/train_net.py.
 
-A run killed with SIGKILL during the final evaluation finishes it when resumed, and a resumed
-run writes the ``metrics.json`` of an uninterrupted one.
+A second concurrent run fails on the folder's lock, a run killed with SIGKILL during the
+final evaluation finishes it when resumed (taking over the dead run's lock), and a resumed run
+writes the ``metrics.json`` of an uninterrupted one.
 """
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -82,6 +84,30 @@ def kill_at_iteration(monkeypatch, iteration):
 
 
 # ---------------------------------------------------------------------------------------------
+# 5. two runs at once
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_second_concurrent_run_fails_on_the_lock(tmp_path, dataset, monkeypatch):
+    out, second = tmp_path / "out", {}
+    run_step = Trainer.run_step
+
+    def step(self, iteration, batch):  # start the second run while the first trains
+        if iteration == 0:
+            second["result"] = run_killed(tmp_path, "", train_args(dataset, out, 2, lr="0.5"))
+        return run_step(self, iteration, batch)
+
+    monkeypatch.setattr(Trainer, "run_step", step)
+    train(dataset, out, 4)
+    result = second["result"]
+    assert result.returncode != 0
+    assert f"pid {os.getpid()}" in result.stderr and str(out) in result.stderr
+    with open(out / "config.yaml") as f:
+        assert "BASE_LR: 0.01" in f.read()
+    assert read_checkpoint(out / "model_final.pth")["iteration"] == 4
+    assert [line["iteration"] for line in read_json_lines(out / "metrics.json")] == [3, 3]
+
+
+# ---------------------------------------------------------------------------------------------
 # 6. SIGKILL during the final evaluation
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
@@ -95,6 +121,8 @@ def test_kill_during_the_final_evaluation_then_resume_evaluates(tmp_path, datase
 
     results = train(dataset, out, 2, "--resume")
     assert results[dataset]["bbox"]["AP"] >= 0
+    with open(out / "log.txt") as f:
+        assert "Took over the lock of a run that is gone" in f.read()
     with open(out / "inference" / "metrics.json") as f:
         assert json.dumps(json.load(f)) == json.dumps(results)  # (NaN != NaN)
     evaluations = [line for line in read_json_lines(out / "metrics.json")

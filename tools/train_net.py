@@ -107,17 +107,17 @@ def train(cfg, model, resume: bool = False) -> dict:
 
 
 def main(args):
-    cfg = setup(args)
-    model = build_model(cfg)
-    if args.eval_only:
-        load_weights(cfg, model)
-        return test(cfg, model)
-    if cfg.SOLVER.REFERENCE_WORLD_SIZE and cfg.SOLVER.REFERENCE_IMS_PER_BATCH:
-        raise ValueError("Set SOLVER.REFERENCE_WORLD_SIZE or SOLVER.REFERENCE_IMS_PER_BATCH, not "
-                         "both: each rescales the LR and schedule on its own")
-    cfg = auto_scale_workers(cfg, get_world_size())
-    cfg = auto_scale_batch(cfg, cfg.SOLVER.REFERENCE_IMS_PER_BATCH, get_world_size())
-    return train(cfg, model, resume=args.resume)
+    with setup(args) as cfg:
+        model = build_model(cfg)
+        if args.eval_only:
+            load_weights(cfg, model)
+            return test(cfg, model)
+        if cfg.SOLVER.REFERENCE_WORLD_SIZE and cfg.SOLVER.REFERENCE_IMS_PER_BATCH:
+            raise ValueError("Set SOLVER.REFERENCE_WORLD_SIZE or SOLVER.REFERENCE_IMS_PER_BATCH, "
+                             "not both: each rescales the LR and schedule on its own")
+        cfg = auto_scale_workers(cfg, get_world_size())
+        cfg = auto_scale_batch(cfg, cfg.SOLVER.REFERENCE_IMS_PER_BATCH, get_world_size())
+        return train(cfg, model, resume=args.resume)
 
 
 if __name__ == "__main__":

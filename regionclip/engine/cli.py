@@ -1,5 +1,6 @@
 """detectron2-compatible command line and run setup (config, output folder, logging, seed)."""
 import argparse
+import contextlib
 import logging
 import os
 import random
@@ -10,6 +11,7 @@ import torch
 
 from ..config import dump_config, load_config
 from .launch import get_rank, is_main_process
+from .output_dir import OutputDirLock, tidy
 
 
 def default_argument_parser(description: str = "RegionCLIP training and evaluation"):
@@ -67,14 +69,24 @@ def seed_everything(seed: int) -> int:
     return seed
 
 
+@contextlib.contextmanager
 def setup(args):
-    """Load the config from the parsed arguments and prepare the output folder."""
+    """``with setup(args) as cfg:`` the run's config, with OUTPUT_DIR held by this run for
+    the block (see ``output_dir.py``), logging set up, seeds set and the config written.
+
+    Nothing is written before the folder is held: a second run into a folder in use fails
+    without touching it.
+    """
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
-    logger = setup_logging(cfg.OUTPUT_DIR)
-    logger.info("Command line: %s", " ".join(sys.argv))
-    seed = seed_everything(cfg.SEED)
-    logger.info("Process rank %d, seed %d", get_rank(), seed)
-    if is_main_process():
-        logger.info("Config written to %s", dump_config(cfg, cfg.OUTPUT_DIR))
-    return cfg
+    owner = is_main_process() and bool(cfg.OUTPUT_DIR)
+    with OutputDirLock(cfg.OUTPUT_DIR) if owner else contextlib.nullcontext() as lock:
+        logger = setup_logging(cfg.OUTPUT_DIR)
+        logger.info("Command line: %s", " ".join(sys.argv))
+        if owner:
+            tidy(lock)
+        seed = seed_everything(cfg.SEED)
+        logger.info("Process rank %d, seed %d", get_rank(), seed)
+        if is_main_process():
+            logger.info("Config written to %s", dump_config(cfg, cfg.OUTPUT_DIR))
+        yield cfg
