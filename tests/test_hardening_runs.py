@@ -1,8 +1,9 @@
 """Hardening of training runs (issue 12, "lost or mixed runs"), through tools/train_net.py.
 
-A second concurrent run fails on the folder's lock, a run killed with SIGKILL during the
-final evaluation finishes it when resumed (taking over the dead run's lock), and a resumed run
-writes the ``metrics.json`` of an uninterrupted one.
+No run silently overwrites another: a new run refuses an OUTPUT_DIR that holds a previous one
+(unless ``--resume`` or ``--overwrite``), a second concurrent run fails on the folder's lock,
+a run killed with SIGKILL during the final evaluation finishes it when resumed (taking over the
+dead run's lock), and a resumed run writes the ``metrics.json`` of an uninterrupted one.
 """
 import json
 import os
@@ -68,8 +69,49 @@ def run_killed(tmp_path, code, args):
     return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
 
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
 def without_wall_clock(lines):
     return [{k: v for k, v in line.items() if k not in WALL_CLOCK} for line in lines]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. a new run over a previous one
+# ---------------------------------------------------------------------------------------------
+def test_new_run_refuses_a_folder_holding_a_previous_run(tmp_path, dataset):
+    out = tmp_path / "out"
+    train(dataset, out, 2)
+    before = snapshot(out)
+    with pytest.raises(FileExistsError, match=rf"{out}.*--resume.*--overwrite"):
+        train(dataset, out, 4, lr="0.02")
+    after = snapshot(out)
+    after.pop("log.txt"), before.pop("log.txt")
+    assert after == before  # config, checkpoints, metrics of the previous run untouched
+
+
+def test_overwrite_replaces_the_previous_run_and_resume_continues_the_new_one(
+        tmp_path, dataset, monkeypatch):
+    out = tmp_path / "out"
+    train(dataset, out, 8)  # leaves model_0000001/3/5.pth and model_final.pth
+    kill_at_iteration(monkeypatch, 3)
+    with pytest.raises(Killed):
+        train(dataset, out, 4, "--overwrite")
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.glob("*.pth")) == ["model_0000001.pth"]
+    train(dataset, out, 4, "--resume")
+    with open(out / "log.txt") as f:
+        assert f"Resumed from {out / 'model_0000001.pth'}" in f.read()
+    assert read_checkpoint(out / "model_final.pth")["iteration"] == 4
+
+
+def test_resume_refuses_a_last_checkpoint_that_is_gone(tmp_path, dataset):
+    out = tmp_path / "out"
+    train(dataset, out, 2)
+    os.remove(out / "model_final.pth")
+    with pytest.raises(FileNotFoundError, match=r"model_final\.pth.*last_checkpoint"):
+        train(dataset, out, 4, "--resume")
 
 
 def kill_at_iteration(monkeypatch, iteration):

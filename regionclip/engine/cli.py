@@ -11,7 +11,7 @@ import torch
 
 from ..config import dump_config, load_config
 from .launch import get_rank, is_main_process
-from .output_dir import OutputDirLock, tidy
+from .output_dir import OutputDirLock, check_previous_run, tidy
 
 
 def default_argument_parser(description: str = "RegionCLIP training and evaluation"):
@@ -22,8 +22,12 @@ def default_argument_parser(description: str = "RegionCLIP training and evaluati
         epilog="Trailing KEY VALUE pairs override config keys, e.g. MODEL.WEIGHTS path.pth",
     )
     parser.add_argument("--config-file", default="", metavar="FILE", help="path to config file")
-    parser.add_argument("--resume", action="store_true",
-                        help="resume from the last checkpoint in OUTPUT_DIR")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="resume from the last checkpoint in OUTPUT_DIR")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start a new training run in an OUTPUT_DIR that holds another "
+                       "one, deleting its checkpoints and metrics")
     parser.add_argument("--eval-only", action="store_true", help="only run evaluation")
     parser.add_argument("--num-gpus", type=int, default=1, help="processes per machine")
     parser.add_argument("--num-machines", type=int, default=1)
@@ -74,17 +78,21 @@ def setup(args):
     """``with setup(args) as cfg:`` the run's config, with OUTPUT_DIR held by this run for
     the block (see ``output_dir.py``), logging set up, seeds set and the config written.
 
-    Nothing is written before the folder is held: a second run into a folder in use fails
+    Nothing is written before the folder is held: a second run into a folder in use, or a
+    new training run over a previous one (neither ``--resume`` nor ``--overwrite``), fails
     without touching it.
     """
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     owner = is_main_process() and bool(cfg.OUTPUT_DIR)
+    training = not args.eval_only
     with OutputDirLock(cfg.OUTPUT_DIR) if owner else contextlib.nullcontext() as lock:
+        if owner and training:
+            check_previous_run(cfg.OUTPUT_DIR, args.resume, args.overwrite)
         logger = setup_logging(cfg.OUTPUT_DIR)
         logger.info("Command line: %s", " ".join(sys.argv))
         if owner:
-            tidy(lock)
+            tidy(lock, overwrite=training and args.overwrite)
         seed = seed_everything(cfg.SEED)
         logger.info("Process rank %d, seed %d", get_rank(), seed)
         if is_main_process():

@@ -1,26 +1,83 @@
-"""One run per output folder.
+"""The output folder of a training run: its checkpoints and markers; one run at a time, no new
+run over a previous one, no debris of killed runs.
+
+The trainer writes ``model_{iteration:07d}.pth`` and ``model_final.pth``, names the newest in
+``last_checkpoint`` and the iteration of the last finished evaluation in ``last_evaluation``
+(a run killed while evaluating redoes it when resumed).
 
 A run holds ``OUTPUT_DIR/.regionclip.lock`` (pid, host and start time of its main process)
 until it ends. A lock whose process is gone (same host, no such process) is stale and taken
 over; one held by a live process, or by another host, stops the new run with a message naming
-its holder.
+its holder. A training run without ``--resume`` refuses a folder holding another run's
+checkpoints or metrics unless ``--overwrite`` asks to replace that run.
 """
 import contextlib
 import datetime
 import json
 import logging
 import os
+import re
+import shutil
 import socket
-from typing import Dict, Optional
+from typing import Dict, List, Optional
+
+from .metrics import METRICS_FILE, TENSORBOARD_DIR
 
 logger = logging.getLogger("regionclip")
 
+LAST_CHECKPOINT_FILE = "last_checkpoint"
+LAST_EVALUATION_FILE = "last_evaluation"
+FINAL_CHECKPOINT = "model_final.pth"
+_PERIODIC = re.compile(r"model_(\d{7})\.pth")
 LOCK_FILE = ".regionclip.lock"
 _HELD = set()  # lock files this process holds
 
 
+def is_periodic_checkpoint(name: str) -> bool:
+    return bool(_PERIODIC.fullmatch(name))
+
+
+def write_atomic_text(path: str, text: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def last_checkpoint_path(output_dir: str) -> str:
+    """The checkpoint named in ``output_dir/last_checkpoint``, or "" when there is none.
+
+    A marker naming a file that is gone is an error: resuming would silently start over.
+    """
+    marker = os.path.join(output_dir, LAST_CHECKPOINT_FILE)
+    if not os.path.isfile(marker):
+        return ""
+    with open(marker) as f:
+        path = os.path.join(output_dir, f.read().strip())
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} is missing but {marker} names it as the checkpoint to resume from: "
+            "restore it, write the name of another model_*.pth of the folder into "
+            f"{LAST_CHECKPOINT_FILE}, or start a new run with --overwrite")
+    return path
+
+
+def last_evaluation(output_dir: str) -> int:
+    """The iteration of the last finished evaluation in ``output_dir`` (-1: none)."""
+    try:
+        with open(os.path.join(output_dir, LAST_EVALUATION_FILE)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return -1
+
+
+# ---------------------------------------------------------------------------------------------
+# One run at a time
+# ---------------------------------------------------------------------------------------------
 class OutputDirError(FileExistsError):
-    """OUTPUT_DIR is in use by another run."""
+    """OUTPUT_DIR is in use by another run, or holds one that this run would overwrite."""
 
 
 class OutputDirLock:
@@ -99,9 +156,44 @@ def _is_stale(holder: Optional[Dict], path: str) -> bool:
     return False
 
 
-def tidy(lock: OutputDirLock) -> None:
-    """Report a taken-over lock (call with the lock held, after logging is set up)."""
+def previous_run_files(folder: str) -> List[str]:
+    """Names of the checkpoints, markers and metrics of a training run in ``folder``."""
+    if not os.path.isdir(folder):
+        return []
+    markers = (LAST_CHECKPOINT_FILE, LAST_EVALUATION_FILE, METRICS_FILE)
+
+    def of_a_run(name):
+        if name in markers:
+            return os.path.getsize(os.path.join(folder, name)) > 0
+        return name == FINAL_CHECKPOINT or is_periodic_checkpoint(name)
+
+    return sorted(filter(of_a_run, os.listdir(folder)))
+
+
+def check_previous_run(folder: str, resume: bool, overwrite: bool) -> None:
+    """OutputDirError when a new training run (neither resume nor overwrite) would write over
+    another run's files, as a rotation or a later ``--resume`` would mix the two."""
+    found = previous_run_files(folder)
+    if found and not (resume or overwrite):
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise OutputDirError(
+            f"{folder} holds a previous run ({shown}): pass --resume to continue it, "
+            "--overwrite to replace it, or choose another OUTPUT_DIR")
+
+
+def tidy(lock: OutputDirLock, overwrite: bool) -> None:
+    """Report a taken-over lock and remove the previous run when ``overwrite`` (call with the
+    lock held, after logging is set up)."""
+    folder = lock.folder
     if lock.stale_owner is not None:
         logger.warning("Took over the lock of a run that is gone (pid %s on %s, started %s)",
                        lock.stale_owner.get("pid"), lock.stale_owner.get("host"),
                        lock.stale_owner.get("started"))
+    if overwrite:
+        found = previous_run_files(folder)
+        for name in found:
+            os.remove(os.path.join(folder, name))
+        shutil.rmtree(os.path.join(folder, TENSORBOARD_DIR), ignore_errors=True)
+        if found:
+            logger.warning("--overwrite: removed the previous run's %s from %s",
+                           ", ".join(found), folder)

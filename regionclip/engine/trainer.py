@@ -10,6 +10,7 @@ completed iterations, the data seed, the random-number states of every process (
 numpy, torch, CUDA) and the metrics' smoothing windows. The data order is a function of the
 seed and the iteration (see ``regionclip/data/samplers.py``), so a run resumed from a
 checkpoint continues exactly the trajectory, and the ``metrics.json``, of an uninterrupted one.
+The files of the output folder are described in ``output_dir.py``.
 """
 import contextlib
 import inspect
@@ -17,7 +18,6 @@ import logging
 import math
 import os
 import random
-import re
 import time
 from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
@@ -29,15 +29,12 @@ from torch import nn
 from ..checkpoint import read_checkpoint, save_checkpoint
 from .launch import all_gather, get_local_rank, get_rank, get_world_size, is_main_process
 from .metrics import TrainingMetrics
+from .output_dir import (FINAL_CHECKPOINT, LAST_CHECKPOINT_FILE, LAST_EVALUATION_FILE,
+                         is_periodic_checkpoint, last_checkpoint_path, last_evaluation,
+                         write_atomic_text)
 from .solver import build_gradient_clipper, build_lr_scheduler, build_optimizer
 
 logger = logging.getLogger("regionclip")
-
-LAST_CHECKPOINT_FILE = "last_checkpoint"
-# the iteration of the last finished evaluation: a run killed while evaluating redoes it
-LAST_EVALUATION_FILE = "last_evaluation"
-FINAL_CHECKPOINT = "model_final.pth"
-_PERIODIC = re.compile(r"model_(\d{7})\.pth")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,34 +123,6 @@ def check_losses(loss_dict, iteration: int) -> None:
            if not (torch.is_tensor(value) and value.numel() == 1)]
     if bad:
         raise TypeError(f"Losses must be scalar tensors; not so at iteration {iteration}: {bad}")
-
-
-def write_atomic_text(path: str, text: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def last_checkpoint_path(output_dir: str) -> str:
-    """The checkpoint named in ``output_dir/last_checkpoint``, or "" when there is none."""
-    marker = os.path.join(output_dir, LAST_CHECKPOINT_FILE)
-    if not os.path.isfile(marker):
-        return ""
-    with open(marker) as f:
-        path = os.path.join(output_dir, f.read().strip())
-    return path if os.path.isfile(path) else ""
-
-
-def last_evaluation(output_dir: str) -> int:
-    """The iteration of the last finished evaluation in ``output_dir`` (-1: none)."""
-    try:
-        with open(os.path.join(output_dir, LAST_EVALUATION_FILE)) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return -1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,7 +354,7 @@ class Trainer:
         self._remove_old_checkpoints()
 
     def _remove_old_checkpoints(self) -> None:
-        periodic = sorted(n for n in os.listdir(self.output_dir) if _PERIODIC.fullmatch(n))
+        periodic = sorted(filter(is_periodic_checkpoint, os.listdir(self.output_dir)))
         for name in periodic[:max(len(periodic) - self.keep_checkpoints, 0)]:
             os.remove(os.path.join(self.output_dir, name))
 
