@@ -2,8 +2,8 @@
 
 No run silently overwrites another: a new run refuses an OUTPUT_DIR that holds a previous one
 (unless ``--resume`` or ``--overwrite``), a second concurrent run fails on the folder's lock,
-a run killed with SIGKILL during the final evaluation finishes it when resumed (taking over the
-dead run's lock), and a resumed run writes the ``metrics.json`` of an uninterrupted one.
+a run killed with SIGKILL (during the final evaluation, or while saving a checkpoint) resumes
+to the end, and a resumed run writes the ``metrics.json`` of an uninterrupted one.
 """
 import json
 import os
@@ -150,7 +150,7 @@ def test_a_second_concurrent_run_fails_on_the_lock(tmp_path, dataset, monkeypatc
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. SIGKILL during the final evaluation
+# 6, 8. SIGKILL during the final evaluation, or while a checkpoint is written
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_kill_during_the_final_evaluation_then_resume_evaluates(tmp_path, dataset):
@@ -170,6 +170,30 @@ def test_kill_during_the_final_evaluation_then_resume_evaluates(tmp_path, datase
     evaluations = [line for line in read_json_lines(out / "metrics.json")
                    if f"{dataset}/bbox/AP" in line]
     assert [line["iteration"] for line in evaluations] == [1]
+
+
+@pytest.mark.slow
+def test_kill_while_saving_a_checkpoint_leaves_no_temporary_after_resume(tmp_path, dataset):
+    out = tmp_path / "out"
+    code = ("import torch; save = torch.save\n"
+            "def partial(obj, f, *a, **k):\n"
+            "    if 'model_0000003' in str(getattr(f, 'name', f)):\n"
+            "        f.write(b'partial'); f.flush(); die()\n"
+            "    return save(obj, f, *a, **k)\n"
+            "torch.save = partial")
+    killed = run_killed(tmp_path, code, train_args(dataset, out, 6))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    stale = [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert len(stale) == 1 and stale[0].startswith(".model_0000003.pth.")
+    (out / "notes.tmp").write_text("a file of the user's")
+
+    train(dataset, out, 6, "--resume")
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == ["notes.tmp"]
+    with open(out / "log.txt") as f:
+        log = f.read()
+    assert f"Resumed from {out / 'model_0000001.pth'}" in log
+    assert stale[0] in log  # the removal is reported
+    assert read_checkpoint(out / "model_final.pth")["iteration"] == 6
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ A run holds ``OUTPUT_DIR/.regionclip.lock`` (pid, host and start time of its mai
 until it ends. A lock whose process is gone (same host, no such process) is stale and taken
 over; one held by a live process, or by another host, stops the new run with a message naming
 its holder. A training run without ``--resume`` refuses a folder holding another run's
-checkpoints or metrics unless ``--overwrite`` asks to replace that run.
+checkpoints or metrics unless ``--overwrite`` asks to replace that run. Temporaries that
+``regionclip.atomic`` leaves when a process is killed mid-write are removed at the start.
 """
 import contextlib
 import datetime
@@ -21,6 +22,7 @@ import shutil
 import socket
 from typing import Dict, List, Optional
 
+from ..atomic import atomic_open
 from .metrics import METRICS_FILE, TENSORBOARD_DIR
 
 logger = logging.getLogger("regionclip")
@@ -30,6 +32,9 @@ LAST_EVALUATION_FILE = "last_evaluation"
 FINAL_CHECKPOINT = "model_final.pth"
 _PERIODIC = re.compile(r"model_(\d{7})\.pth")
 LOCK_FILE = ".regionclip.lock"
+# atomic_open's temporaries: ".<file name>.<uuid4 hex>.tmp"
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")
+_TEMPORARY_FOLDERS = ("", "inference")
 _HELD = set()  # lock files this process holds
 
 
@@ -38,12 +43,8 @@ def is_periodic_checkpoint(name: str) -> bool:
 
 
 def write_atomic_text(path: str, text: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_open(path, "w") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def last_checkpoint_path(output_dir: str) -> str:
@@ -182,8 +183,8 @@ def check_previous_run(folder: str, resume: bool, overwrite: bool) -> None:
 
 
 def tidy(lock: OutputDirLock, overwrite: bool) -> None:
-    """Report a taken-over lock and remove the previous run when ``overwrite`` (call with the
-    lock held, after logging is set up)."""
+    """Report a taken-over lock, remove the previous run when ``overwrite``, and remove the
+    temporaries of killed runs (call with the lock held, after logging is set up)."""
     folder = lock.folder
     if lock.stale_owner is not None:
         logger.warning("Took over the lock of a run that is gone (pid %s on %s, started %s)",
@@ -197,3 +198,10 @@ def tidy(lock: OutputDirLock, overwrite: bool) -> None:
         if found:
             logger.warning("--overwrite: removed the previous run's %s from %s",
                            ", ".join(found), folder)
+    for sub in _TEMPORARY_FOLDERS:
+        path = os.path.join(folder, sub)
+        names = os.listdir(path) if os.path.isdir(path) else []
+        for name in filter(_TEMPORARY.fullmatch, names):
+            os.remove(os.path.join(path, name))
+            logger.warning("Removed %s, left by a run killed while writing it",
+                           os.path.join(path, name))
