@@ -7,6 +7,7 @@ the Python API) on tiny files made here. The output-folder cases are in
 import json
 import logging
 import math
+import os
 import re
 
 import pytest
@@ -15,10 +16,12 @@ from _api_utils import CLASSES, TINY_CONFIG as TINY_API_CONFIG, TINY_RPN_CONFIG,
     save_pretrained, tiny_detector
 from _data_utils import make_coco_dataset, make_lvis_dataset
 from _e2e_utils import TINY_CONFIG, save_embedding_file, tiny_checkpoint
+from _image_text_utils import write_tsv_dataset
 from _tool_utils import run_train_net
 from PIL import Image
 
 from regionclip.cli import main as regionclip_main
+from regionclip.data.image_text_sources import TSVPairSource, lineidx_path
 from regionclip.evaluation import LVISEvaluator
 
 TINY_DIM = 32
@@ -168,6 +171,23 @@ def test_lvis_evaluator_rejects_repeated_image_ids(tmp_path):
     write_json(json_path, content)
     with pytest.raises(ValueError, match=r"duplicate image ids \[1\]"):
         LVISEvaluator(json_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Beyond the list: files written beside the user's data
+# ---------------------------------------------------------------------------------------------
+def test_generated_lineidx_is_an_ordinary_file(tmp_path):
+    """The row index written beside a TSV had mkstemp's private mode (0600), unreadable to
+    the other users of a shared dataset folder."""
+    folder = write_tsv_dataset(tmp_path, 2, 1, (32, 32), lineidx=False)
+    umask = os.umask(0o022)
+    try:
+        TSVPairSource(folder)
+    finally:
+        os.umask(umask)
+    for kind in ("images", "text"):
+        mode = os.stat(lineidx_path(os.path.join(folder, f"train.{kind}.tsv"))).st_mode
+        assert mode & 0o777 == 0o644
 
 
 # ---------------------------------------------------------------------------------------------

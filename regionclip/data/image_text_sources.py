@@ -18,12 +18,12 @@ import logging
 import os
 import re
 import tarfile
-import tempfile
 import zlib
 from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..atomic import atomic_open
 from ..modeling.prompt_templates import PROMPT_TEMPLATES, prompt_engineering
 
 logger = logging.getLogger(__name__)
@@ -112,10 +112,8 @@ def generate_lineidx(tsv_path: str) -> np.ndarray:
     offsets = scan_line_offsets(tsv_path)
     target = lineidx_path(tsv_path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target) or ".", suffix=".lineidx.tmp")
-        with os.fdopen(fd, "w") as f:
+        with atomic_open(target, "w") as f:
             f.write("".join(f"{offset}\n" for offset in offsets))
-        os.replace(tmp, target)
     except OSError as error:
         logger.warning("Cannot write %s (%s); keeping the row offsets in memory", target, error)
     return offsets
