@@ -21,7 +21,7 @@ from _tool_utils import run_train_net
 from PIL import Image
 
 from regionclip.cli import main as regionclip_main
-from regionclip.data.image_text_sources import TSVPairSource, lineidx_path
+from regionclip.data.image_text_tsv import TSVPairSource, lineidx_path
 from regionclip.evaluation import LVISEvaluator
 
 TINY_DIM = 32

@@ -18,7 +18,7 @@ from typing import Dict, Mapping, Optional
 import torch
 
 from ..atomic import atomic_open
-from .launch import is_main_process
+from ..distributed import is_main_process
 
 logger = logging.getLogger("regionclip")
 

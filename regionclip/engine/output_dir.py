@@ -22,7 +22,6 @@ import shutil
 import socket
 from typing import Dict, List, Optional
 
-from ..atomic import atomic_open
 from .metrics import METRICS_FILE, TENSORBOARD_DIR
 
 logger = logging.getLogger("regionclip")
@@ -40,11 +39,6 @@ _HELD = set()  # lock files this process holds
 
 def is_periodic_checkpoint(name: str) -> bool:
     return bool(_PERIODIC.fullmatch(name))
-
-
-def write_atomic_text(path: str, text: str) -> None:
-    with atomic_open(path, "w") as f:
-        f.write(text)
 
 
 def last_checkpoint_path(output_dir: str) -> str:

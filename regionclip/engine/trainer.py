@@ -26,12 +26,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..atomic import atomic_open
 from ..checkpoint import read_checkpoint, save_checkpoint
-from .launch import all_gather, get_local_rank, get_rank, get_world_size, is_main_process
+from ..distributed import all_gather, get_local_rank, get_rank, get_world_size, is_main_process
 from .metrics import TrainingMetrics
 from .output_dir import (FINAL_CHECKPOINT, LAST_CHECKPOINT_FILE, LAST_EVALUATION_FILE,
-                         is_periodic_checkpoint, last_checkpoint_path, last_evaluation,
-                         write_atomic_text)
+                         is_periodic_checkpoint, last_checkpoint_path, last_evaluation)
 from .solver import build_gradient_clipper, build_lr_scheduler, build_optimizer
 
 logger = logging.getLogger("regionclip")
@@ -331,7 +331,8 @@ class Trainer:
         self.module.train()
         metrics.write_results(iteration, self.eval_results)
         if is_main_process() and self.output_dir:
-            write_atomic_text(os.path.join(self.output_dir, LAST_EVALUATION_FILE), str(iteration))
+            with atomic_open(os.path.join(self.output_dir, LAST_EVALUATION_FILE), "w") as f:
+                f.write(str(iteration))
         return self.eval_results
 
     # ---- checkpoints ----------------------------------------------------------------------
@@ -349,7 +350,8 @@ class Trainer:
         if self.metrics is not None:
             extra["metrics"] = self.metrics.state_dict()
         save_checkpoint(os.path.join(self.output_dir, name), self.module.state_dict(), **extra)
-        write_atomic_text(os.path.join(self.output_dir, LAST_CHECKPOINT_FILE), name)
+        with atomic_open(os.path.join(self.output_dir, LAST_CHECKPOINT_FILE), "w") as f:
+            f.write(name)
         logger.info("Saved checkpoint %s (iteration %d)", name, iteration)
         self._remove_old_checkpoints()
 
