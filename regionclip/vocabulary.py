@@ -5,7 +5,8 @@ LVIS on a CPU; the result depends only on the text-tower weights, the templates 
 so it is cached under exactly that key: ``$REGIONCLIP_CACHE`` (default
 ``~/.cache/regionclip``)/``text/<tower digest>-<template digest>/<name digest>.pth``. The tower
 digest is a hash of the tower's tensors; it is remembered per weights file (path, size, mtime)
-so that a fully cached vocabulary never loads the tower.
+so that a fully cached vocabulary never loads the tower. A damaged entry (unreadable, or not
+finite) is recomputed with a warning.
 """
 import hashlib
 import logging
@@ -53,7 +54,7 @@ def tower_digest(encoder: nn.Module) -> str:
 
 
 class TextEmbeddingCache:
-    """One [1, D] file per (tower, templates, name); missing or unreadable entries are None."""
+    """One [1, D] file per (tower, templates, name); missing or damaged entries are None."""
 
     def __init__(self, root: str, templates: Sequence[str] = PROMPT_TEMPLATES):
         self.root = root
@@ -69,8 +70,8 @@ class TextEmbeddingCache:
             return None
         try:
             return load_embeddings(path, expected_dim=dim)[0]
-        except (ValueError, RuntimeError, OSError):  # a damaged entry is recomputed
-            logger.warning("Ignoring unreadable cache entry %s", path)
+        except (ValueError, OSError) as err:
+            logger.warning("Recomputing the damaged cache entry %s: %s", path, err)
             return None
 
     def put(self, digest: str, name: str, embedding: torch.Tensor) -> None:

@@ -30,8 +30,14 @@ from ..atomic import atomic_open
 from ..checkpoint import read_checkpoint, save_checkpoint
 from ..distributed import all_gather, get_local_rank, get_rank, get_world_size, is_main_process
 from .metrics import TrainingMetrics
-from .output_dir import (FINAL_CHECKPOINT, LAST_CHECKPOINT_FILE, LAST_EVALUATION_FILE,
-                         is_periodic_checkpoint, last_checkpoint_path, last_evaluation)
+from .output_dir import (
+    FINAL_CHECKPOINT,
+    LAST_CHECKPOINT_FILE,
+    LAST_EVALUATION_FILE,
+    is_periodic_checkpoint,
+    last_checkpoint_path,
+    last_evaluation,
+)
 from .solver import build_gradient_clipper, build_lr_scheduler, build_optimizer
 
 logger = logging.getLogger("regionclip")
