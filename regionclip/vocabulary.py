@@ -6,8 +6,10 @@ so it is cached under exactly that key: ``$REGIONCLIP_CACHE`` (default
 ``~/.cache/regionclip``)/``text/<tower digest>-<template digest>/<name digest>.pth``. The tower
 digest is a hash of the tower's tensors; it is remembered per weights file (path, size, mtime)
 so that a fully cached vocabulary never loads the tower. A damaged entry (unreadable, or not
-finite) is recomputed with a warning.
+finite) is recomputed with a warning; a cache folder that cannot be written costs a warning and
+the names are encoded without caching.
 """
+import contextlib
 import hashlib
 import logging
 import os
@@ -59,6 +61,7 @@ class TextEmbeddingCache:
     def __init__(self, root: str, templates: Sequence[str] = PROMPT_TEMPLATES):
         self.root = root
         self.templates_digest = _sha(_RECIPE + "\n" + "\n".join(templates))
+        self.writable = True  # until a write fails
 
     def _path(self, digest: str, name: str) -> str:
         folder = f"{digest}-{self.templates_digest}"
@@ -75,7 +78,9 @@ class TextEmbeddingCache:
             return None
 
     def put(self, digest: str, name: str, embedding: torch.Tensor) -> None:
-        save_embeddings(embedding.reshape(1, -1), self._path(digest, name))
+        if self.writable:
+            with self._read_only_warns():
+                save_embeddings(embedding.reshape(1, -1), self._path(digest, name))
 
     def _memo_path(self, identity: str) -> str:
         return os.path.join(self.root, "text", "towers", _sha(identity))
@@ -88,8 +93,21 @@ class TextEmbeddingCache:
             return ""
 
     def remember_digest(self, identity: str, digest: str) -> None:
-        with atomic_open(self._memo_path(identity), "w", encoding="utf-8") as f:
-            f.write(digest)
+        if self.writable:
+            with self._read_only_warns(), \
+                    atomic_open(self._memo_path(identity), "w", encoding="utf-8") as f:
+                f.write(digest)
+
+    @contextlib.contextmanager
+    def _read_only_warns(self):
+        """A cache folder that cannot be written costs one warning (and no further writes):
+        only the time of encoding the names again is lost."""
+        try:
+            yield
+        except OSError as err:
+            self.writable = False
+            logger.warning("Cannot write the text-embedding cache in %s (%s); encoding class "
+                           "names without caching", self.root, err)
 
 
 def _file_identity(path: str, variant: CLIPVariant) -> str:

@@ -8,6 +8,9 @@ A pretraining run has no class vocabulary to check and evaluates only when ``DAT
 set: then the student is evaluated as a zero-shot detector, a ``CLIPFastRCNN`` built from the
 same config (``MODEL.CLIP.TEXT_EMB_PATH`` holding the test classes' embeddings) that gets the
 student trunk and offline RPN weights, as it would from a saved pretraining checkpoint.
+
+Bad input (a file, key or value) reaches the command line as one line, printed once, and exit
+status 1; ``REGIONCLIP_DEBUG=1`` shows its traceback instead.
 """
 import argparse
 import contextlib
@@ -16,18 +19,21 @@ import logging
 import os
 import random
 import sys
-from typing import Callable, Dict, Optional
+import time
+from typing import Callable, Dict, NoReturn, Optional
 
 import numpy as np
 import torch
 from torch import nn
+from torch.multiprocessing import ProcessExitedException
 
+from ..checkpoint import CheckpointError
 from ..config import ConfigError, dump_config, load_config
 from ..data.catalog import get_dataset_dicts, get_metadata
 from ..data.image_text_loader import build_image_text_loader
 from ..data.loader import build_test_loader, build_train_loader
 from ..data.mapper import build_inference_mapper
-from ..distributed import get_rank, get_world_size, is_main_process
+from ..distributed import get_rank, get_world_size, is_main_process, launch
 from ..evaluation import ProposalRecallEvaluator, build_evaluator
 from ..evaluation.inference import inference_on_dataset
 from ..evaluation.results import write_json_atomic
@@ -41,6 +47,12 @@ logger = logging.getLogger("regionclip")
 
 PRETRAIN_ARCHITECTURE = "PretrainFastRCNN"
 ZERO_SHOT_ARCHITECTURE = "CLIPFastRCNN"
+DEBUG_ENV = "REGIONCLIP_DEBUG"
+USER_ERRORS = (OSError, ValueError, CheckpointError)  # bad input, not bugs: no traceback
+USER_ERROR_STATUS = 1
+# How long a process other than the main one waits before printing its error: an error that
+# every process meets is printed by the main one, and the launcher stops the others meanwhile.
+_WORKER_ERROR_DELAY_S = 5.0
 
 
 def default_argument_parser(description: str = "RegionCLIP training and evaluation"):
@@ -234,3 +246,51 @@ def main(args) -> dict:
         cfg = auto_scale_workers(cfg, get_world_size())
         cfg = auto_scale_batch(cfg, cfg.SOLVER.REFERENCE_IMS_PER_BATCH, get_world_size())
         return train(cfg, model, resume=args.resume)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is bad input to report as one line (never with ``REGIONCLIP_DEBUG=1``)."""
+    return isinstance(err, USER_ERRORS) and os.environ.get(DEBUG_ENV, "0") in ("", "0")
+
+
+def user_error_line(command: str, err: BaseException) -> str:
+    """``err`` as one line: its message's lines joined."""
+    return f"{command}: error: " + " ".join(part.strip() for part in str(err).splitlines())
+
+
+def run(args) -> int:
+    """``tools/train_net.py``: :func:`main` in one process per GPU; returns the exit status."""
+    try:
+        launch(_main_reporting_user_errors, args.num_gpus, args.num_machines, args.machine_rank,
+               args.dist_url, (args,))
+    except ProcessExitedException as err:  # a worker printed its user error and exited
+        if err.exit_code != USER_ERROR_STATUS:
+            raise
+        return USER_ERROR_STATUS
+    return 0
+
+
+def _main_reporting_user_errors(args) -> None:
+    try:
+        main(args)
+    except Exception as err:
+        if not is_user_error(err):
+            raise
+        _exit_reporting(err)
+
+
+def _exit_reporting(err: BaseException) -> NoReturn:
+    """Print ``err`` as one line, once over all processes, and end this one with status 1."""
+    if get_rank() > 0:
+        time.sleep(_WORKER_ERROR_DELAY_S)
+    print(user_error_line("train_net", err), file=sys.stderr, flush=True)
+    if get_world_size() == 1:
+        raise SystemExit(USER_ERROR_STATUS)
+    # Leave at once: ending the process group would wait for the other processes, and the
+    # launcher stops them only once this one is gone.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(USER_ERROR_STATUS)
