@@ -8,7 +8,6 @@ as recalled at IoU t when its matched IoU is >= t, and AR@k is the recall averag
 ground truth included; here their ground truth counts as missed.
 """
 import logging
-import math
 
 import torch
 
@@ -83,11 +82,12 @@ class ProposalRecallEvaluator:
             self._predictions.append({"image_id": inp.get("image_id"), "overlaps": overlaps})
 
     def evaluate(self, predictions=None):
-        """``{"proposals": {"AR@k", "R@k_IoU<t>"}}`` in percent (NaN without ground truth) of
-        ``predictions``, by default what ``process`` collected in this process."""
+        """``{"proposals": {"AR@k", "R@k_IoU<t>"}}`` in percent of ``predictions`` (default:
+        what ``process`` collected in this process); ``{}`` without ground-truth boxes."""
         predictions = self._predictions if predictions is None else predictions
         if sum(len(p["overlaps"][self.limits[0]]) for p in predictions) == 0:
-            logger.warning("No ground-truth boxes to recall; proposal recall is NaN")
+            logger.warning("No ground-truth boxes to recall: no proposal recall is reported")
+            return {}
         metrics = {}
         for k in self.limits:
             overlaps = torch.cat([p["overlaps"][k] for p in predictions] or [torch.zeros(0)])
@@ -100,7 +100,5 @@ class ProposalRecallEvaluator:
 
 def _mean_recall(overlaps: torch.Tensor, thresholds: torch.Tensor) -> float:
     """Percent of ground-truth boxes with matched IoU >= t, averaged over ``thresholds``."""
-    if len(overlaps) == 0:
-        return math.nan
     recalls = (overlaps[None, :] >= thresholds[:, None]).float().mean(dim=1)
     return float(recalls.mean() * 100)
