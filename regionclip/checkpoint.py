@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_open
+from .download_pages import missing_file_message
 from .modeling.clip_variants import LEGACY_DEPTHS, VARIANTS
 
 __all__ = ["CheckpointError", "CheckpointMismatchError", "LoadReport", "VOCABULARY_KEYS",
@@ -46,7 +47,6 @@ _TO_OFFLINE = {"backbone": ("offline_backbone",),
                "proposal_generator": ("offline_proposal_generator",)}
 _OFFLINE_IDENTITY = {p: (p,) for p in ("offline_backbone", "offline_proposal_generator")}
 _NOT_RPN = "not part of the offline RPN"
-_ZOO_HINT = "see MODEL_ZOO.md and pretrained_ckpt/README.md for where to download it"
 _BN_COUNTER = "num_batches_tracked"
 
 
@@ -126,7 +126,7 @@ def read_checkpoint(path: str) -> Any:
     """The object stored in ``path``, read without running pickled code (CPU tensors)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}; {_ZOO_HINT}")
+        raise FileNotFoundError(missing_file_message(path, "checkpoint"))
     if path.endswith(".pkl"):
         raise CheckpointError(
             f"{path}: detectron2 .pkl checkpoints (pickled numpy dicts) are not supported, "
