@@ -14,6 +14,7 @@ import torch
 from .checkpoint import DETECTRON2, VOCABULARY_KEYS, CheckpointError, load_checkpoint
 from .config import load_config
 from .modeling.build import build_model
+from .modeling.region_head import missing_by_design
 from .weights import (DETECTOR_WEIGHTS, RPN_WEIGHTS, ZERO_SHOT_CONFIG, ZOO_HINT,
                       CheckpointContents, DetectorWeights, RPNWeights, config_path,
                       find_companion, inspect_checkpoint, rpn_for_layout)
@@ -131,7 +132,8 @@ def load_model(spec: ModelSpec, cfg) -> torch.nn.Module:
     Stored class embeddings are not loaded: the vocabulary is always set by the caller.
     """
     model = build_model(cfg)
-    report = load_checkpoint(model, spec.weights, skip_prefixes=VOCABULARY_KEYS)
+    report = load_checkpoint(model, spec.weights, skip_prefixes=VOCABULARY_KEYS,
+                             by_design=missing_by_design(model, training=False))
     _check_loaded(report, ("backbone.",), "CLIP image trunk", "use a RegionCLIP checkpoint")
     if spec.rpn is not None and spec.rpn_weights:
         report = load_checkpoint(model, spec.rpn_weights, offline_rpn=True)

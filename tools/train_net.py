@@ -33,24 +33,32 @@ from regionclip.evaluation import ProposalRecallEvaluator, build_evaluator
 from regionclip.evaluation.inference import inference_on_dataset
 from regionclip.evaluation.results import write_json_atomic
 from regionclip.modeling.build import build_model
+from regionclip.modeling.region_head import missing_by_design
 
 logger = logging.getLogger("regionclip")
+OFFLINE_RPN_PARTS = ("offline_backbone", "offline_proposal_generator")
 
 
-def load_weights(cfg, model) -> None:
+def load_weights(cfg, model, training: bool = False) -> None:
     """``MODEL.WEIGHTS`` first, then the offline RPN file, as the original did.
 
     Vocabulary embeddings given as files win over the ones a fine-tuned checkpoint stores
-    (the original let the checkpoint silently override a same-sized vocabulary).
+    (the original let the checkpoint silently override a same-sized vocabulary). Weights the
+    model does not need from ``MODEL.WEIGHTS`` (``training``: it is about to be trained) are
+    reported as missing by design, not as a warning.
     """
     clip = cfg.MODEL.CLIP
     protected = [key for key, path in zip(VOCABULARY_KEYS,
                                           (clip.TEXT_EMB_PATH, clip.OPENSET_TEST_TEXT_EMB_PATH))
                  if path]
+    rpn_file = clip.BB_RPN_WEIGHTS if clip.CROP_REGION_TYPE == "RPN" else ""
+    by_design = missing_by_design(model, training)
+    if rpn_file:
+        by_design.update({p: f"loaded next from {rpn_file}" for p in OFFLINE_RPN_PARTS})
     if cfg.MODEL.WEIGHTS:
-        load_checkpoint(model, cfg.MODEL.WEIGHTS, skip_prefixes=protected)
-    if clip.BB_RPN_WEIGHTS and clip.CROP_REGION_TYPE == "RPN":
-        load_checkpoint(model, clip.BB_RPN_WEIGHTS, offline_rpn=True)
+        load_checkpoint(model, cfg.MODEL.WEIGHTS, skip_prefixes=protected, by_design=by_design)
+    if rpn_file:
+        load_checkpoint(model, rpn_file, offline_rpn=True)
 
 
 def check_vocabulary(model, dataset_name: str) -> None:
@@ -100,7 +108,7 @@ def train(cfg, model, resume: bool = False) -> dict:
             check_vocabulary(model, name)
         loader, eval_fn = build_train_loader(cfg), lambda module: test(cfg, module)
     if not (resume and last_checkpoint_path(cfg.OUTPUT_DIR)):
-        load_weights(cfg, model)
+        load_weights(cfg, model, training=True)
     trainer = build_trainer(cfg, model, loader, eval_fn=eval_fn)
     trainer.resume_or_start(resume)
     return trainer.train()
@@ -110,7 +118,7 @@ def main(args):
     cfg = setup(args)
     model = build_model(cfg)
     if args.eval_only:
-        load_weights(cfg, model)
+        load_weights(cfg, model, training=False)
         return test(cfg, model)
     if cfg.SOLVER.REFERENCE_WORLD_SIZE and cfg.SOLVER.REFERENCE_IMS_PER_BATCH:
         raise ValueError("Set SOLVER.REFERENCE_WORLD_SIZE or SOLVER.REFERENCE_IMS_PER_BATCH, not "
