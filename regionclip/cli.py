@@ -25,7 +25,7 @@ from .data.image_io import IMAGE_EXTENSIONS, read_image, read_image_size
 from .evaluation.results import instances_to_coco_json, write_json_atomic
 from .modeling.text_encoder import class_names_from_file
 from .text_cache import check_class_names
-from .visualization import draw_predictions, select_predictions
+from .visualization import DRAWING_BACKGROUND, draw_predictions, select_predictions
 
 logger = logging.getLogger("regionclip")
 USER_ERRORS = (OSError, ValueError, CheckpointError)  # reported as one line, exit status 1
@@ -158,8 +158,8 @@ def draw_all(document: dict, folder: str, threshold: float) -> None:
         used.add(name)
         shown = select_predictions(per_image[image["id"]], threshold, unique_boxes=True,
                                    max_boxes=VIS_MAX_BOXES)
-        canvas = draw_predictions(read_image(image["file_name"], "BGR"), shown, names,
-                                  {k + 1: k for k in range(len(names))})
+        canvas = draw_predictions(read_image(image["file_name"], "BGR", DRAWING_BACKGROUND),
+                                  shown, names, {k + 1: k for k in range(len(names))})
         if not cv2.imwrite(os.path.join(folder, name), canvas):
             raise OSError(f"could not write {os.path.join(folder, name)}")
 

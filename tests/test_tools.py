@@ -375,6 +375,20 @@ def test_visualize_draws_every_image_upright_with_its_predictions(tmp_path, tool
     assert read_image(tmp_path / "drawn/rotated.jpg").shape == (48, 64, 3)  # upright
 
 
+def test_visualize_draws_transparent_images_over_white(tmp_path, tools):
+    _, image_dir, dataset = _tiny_coco(tmp_path / "data", num_images=1, image_size=(48, 64))
+    rgba = np.zeros((48, 64, 4), dtype=np.uint8)
+    rgba[..., 2] = 200
+    rgba[:, 32:, 3] = 255  # the left half is transparent (and stores blue there)
+    Image.fromarray(rgba, "RGBA").save(os.path.join(image_dir, "000000.png"))
+    write_json(tmp_path / "results.json", [])
+    tools["visualize_json_results"].main(["--input", str(tmp_path / "results.json"),
+                                          "--output", str(tmp_path / "drawn"),
+                                          "--dataset", dataset])
+    drawn = read_image(tmp_path / "drawn/000000.png", "RGB")
+    assert (drawn[:, :32] == 255).all() and (drawn[:, 32:] == (0, 0, 200)).all()
+
+
 @pytest.mark.parametrize("content, error, message", [
     (None, FileNotFoundError, "results json not found"),
     ("[{", ValueError, "not valid json"),
