@@ -54,6 +54,7 @@ from .image_text_sources import (
     TSVPairSource,
     WebDatasetSource,
 )
+from .loader import cap_workers
 
 logger = logging.getLogger(__name__)
 
@@ -432,4 +433,4 @@ def build_image_text_loader(cfg, dataset: Optional[ImageTextDataset] = None) -> 
     if total % world_size:
         raise ConfigError(f"SOLVER.IMS_PER_BATCH {total} is not divisible by the {world_size} "
                           "processes")
-    return ImageTextLoader(dataset, total // world_size, cfg.DATALOADER.NUM_WORKERS)
+    return ImageTextLoader(dataset, total // world_size, cap_workers(cfg.DATALOADER.NUM_WORKERS))
