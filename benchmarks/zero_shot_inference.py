@@ -24,12 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+from _common import norms_from_inputs, peak_memory_mib, peak_rss_mib, sync
 
 from regionclip.config import load_config
 from regionclip.modeling.build import build_model
 from regionclip.structures import Boxes, Instances
-
-from _common import norms_from_inputs, peak_memory_mib, peak_rss_mib, sync
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "LVISv1-InstanceSegmentation"
 IMAGE_HW = (800, 1333)
@@ -68,12 +67,12 @@ def run_once(model, inputs, regions, device):
     sync(device)
     times.append(time.perf_counter() - start)
     start = time.perf_counter()
-    features = model.backbone(model.preprocess_image(inputs).tensor)
+    res4 = model.res4(inputs)
     sync(device)
     times.append(time.perf_counter() - start)
     start = time.perf_counter()
-    results = model.roi_heads(features, [regions], model.backbone.layer4,
-                              model.backbone.attnpool)
+    embeddings = model.embed_regions(inputs, [regions.proposal_boxes.tensor], res4)
+    results = model.roi_heads.predict(embeddings, [regions], res4, model.backbone)
     sync(device)
     times.append(time.perf_counter() - start)
     return times, time.process_time() - cpu_start, len(proposals[0]), len(results[0])

@@ -19,13 +19,13 @@ import torch
 from torch import nn
 
 from .atomic import atomic_open
+from .config.variants import LEGACY_DEPTHS, VARIANTS
 from .download_pages import missing_file_message
 from .load_report import LoadReport
-from .modeling.clip_variants import LEGACY_DEPTHS, VARIANTS
 
 __all__ = ["CheckpointError", "CheckpointMismatchError", "LoadReport", "VOCABULARY_KEYS",
-           "check_architecture", "detect_format", "load_checkpoint", "read_checkpoint",
-           "read_state_dict", "save_checkpoint"]
+           "ZOO_HINT", "check_architecture", "detect_format", "load_checkpoint",
+           "read_checkpoint", "read_state_dict", "save_checkpoint"]
 
 REGIONCLIP, DETECTRON2, OPENAI_CLIP = "regionclip", "detectron2", "openai_clip"
 # The classifier's text embeddings: pass as `skip_prefixes` so a user's vocabulary file wins
@@ -34,6 +34,7 @@ VOCABULARY_KEYS = ("roi_heads.box_predictor.cls_score", "roi_heads.box_predictor
 
 _REGIONCLIP_PARTS = ("backbone", "teacher_backbone", "lang_encoder", "offline_backbone",
                      "offline_proposal_generator", "roi_heads")
+ZOO_HINT = "see MODEL_ZOO.md and pretrained_ckpt/README.md for where to download it"
 _OPENAI_TEXT = ("transformer", "token_embedding", "positional_embedding", "ln_final",
                 "text_projection")
 _OPENAI_DROPPED = {"logit_scale": "CLIP's learnt temperature; RegionCLIP uses a fixed one",

@@ -15,7 +15,7 @@ from regionclip.download_pages import (
     file_source,
     missing_file_message,
 )
-from regionclip.weights import DETECTOR_WEIGHTS, RPN_WEIGHTS
+from regionclip.model_zoo import DETECTOR_WEIGHTS, RPN_WEIGHTS
 
 REPO = Path(__file__).resolve().parents[1]
 # pretrained_ckpt/<folder>/<file> as the README and the scripts write it

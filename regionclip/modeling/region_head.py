@@ -1,43 +1,92 @@
-"""Region embeddings: RoIAlign on res4 -> CLIP res5 -> attention pool.
+"""The region head: region embeddings -> class scores, boxes and masks; training losses.
 
-The res5 stage and the attention pool belong to the CLIP trunk (their weights are
-``backbone.layer4.*`` and ``backbone.attnpool.*`` in every official checkpoint) and are passed
-in at call time; this head owns only the predictor and the optional mask head, so its
-state-dict keys are ``roi_heads.box_predictor.*`` and ``roi_heads.mask_head.*``.
+The mask head is the class-agnostic one of the LVIS fine-tuned checkpoints: detectron2's
+``MaskRCNNConvUpsampleHead`` with no conv layers, a 2x transposed conv on the res5 RoI features
+(the input of the attention pool) and a 1x1 predictor, so a 7x7 (RN50) or 9x9 (RN50x4) RoI
+yields a 14x14 or 18x18 mask.
+
+Regions are embedded by the CLIP trunk itself (:meth:`CLIPResNet.embed_regions`: RoIAlign on
+res4 -> res5 -> attention pool), whose weights are ``backbone.layer4.*`` and
+``backbone.attnpool.*`` in every official checkpoint; the trunk is passed in at call time. This
+head owns only the predictor and the optional mask head, so its state-dict keys are
+``roi_heads.box_predictor.*`` and ``roi_heads.mask_head.*``.
 """
+import dataclasses
 from typing import Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..ops import roi_align
 from ..structures import Instances
-from .box_predictor import InferenceSettings, LossSettings, TextEmbeddingPredictor
-from .box_predictor import detect_single_image, predict_boxes, predict_probs, predictor_losses
+from .box_predictor import (
+    InferenceSettings,
+    LossSettings,
+    TextEmbeddingPredictor,
+    detect_single_image,
+    predict_boxes,
+    predict_probs,
+    predictor_losses,
+)
+from .clip_resnet import CLIPResNet
 from .losses import crop_and_resize_masks, mask_loss
-from .mask_head import MaskHead, attach_mask_probs
-from .roi_sampling import RoISampling, label_and_sample_proposals
+from .matcher import RoISampling, label_and_sample_proposals
 
 
-INFERENCE_CHUNK = 128  # regions per res5 pass at inference
-_BACKGROUND = "the background embedding is fixed at zero"
-_LEARNT = "learnt from its initialisation in this training"
-_NO_DELTAS = "box deltas are not applied (MODEL.CLIP.NO_BOX_DELTA or ground-truth boxes)"
+class MaskHead(nn.Module):
+    def __init__(self, in_channels: int, conv_dim: int = 256, num_classes: int = 1):
+        super().__init__()
+        self.deconv = nn.ConvTranspose2d(in_channels, conv_dim, kernel_size=2, stride=2)
+        self.predictor = nn.Conv2d(conv_dim, num_classes, kernel_size=1)
+        nn.init.kaiming_normal_(self.deconv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.deconv.bias)
+        nn.init.normal_(self.predictor.weight, std=0.001)
+        nn.init.zeros_(self.predictor.bias)
+
+    def forward(self, res5_features: torch.Tensor) -> torch.Tensor:
+        """[R, C, S, S] -> mask logits [R, num_classes, 2S, 2S]."""
+        return self.predictor(F.relu(self.deconv(res5_features)))
 
 
-def pool_regions(
-    res4: torch.Tensor, boxes: List[torch.Tensor], resolution: int, stride: int = 16
-) -> torch.Tensor:
-    """RoIAlign ("ROIAlignV2": aligned, adaptive sampling) of xyxy boxes given per image.
+def attach_mask_probs(mask_logits: torch.Tensor, instances: List[Instances]) -> None:
+    """Store per-detection mask probabilities [R, 1, M, M] as ``pred_masks``.
 
-    res4: [N, C, H, W]; boxes: N tensors [R_i, 4] in input-image pixels -> [sum R_i, C, S, S].
+    For a class-specific head the channel of the predicted class is taken.
     """
-    return roi_align(res4, boxes, resolution, spatial_scale=1.0 / stride, sampling_ratio=0,
-                     aligned=True)
+    if mask_logits.shape[1] > 1:
+        classes = torch.cat([x.pred_classes for x in instances])
+        mask_logits = mask_logits[torch.arange(len(classes)), classes][:, None]
+    for inst, probs in zip(instances, mask_logits.sigmoid().split([len(x) for x in instances])):
+        inst.pred_masks = probs
+
+
+def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_size, threshold: float = 0.5):
+    """Paste [R, 1, M, M] mask probabilities into boolean [R, H, W] image masks.
+
+    Each mask is resampled onto the pixels its box covers (pixel centres at +0.5, as
+    detectron2's ``paste_masks_in_image``); pixels outside the box are background. Pasting
+    works box by box on the box's own pixels so memory stays O(H * W) per detection.
+    """
+    height, width = image_size
+    out = masks.new_zeros((len(masks), height, width), dtype=torch.bool)
+    for i, (mask, box) in enumerate(zip(masks, boxes.tolist())):
+        x0, y0 = max(int(box[0]), 0), max(int(box[1]), 0)
+        x1, y1 = min(int(box[2]) + 1, width), min(int(box[3]) + 1, height)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        ys = torch.arange(y0, y1, device=masks.device, dtype=torch.float32) + 0.5
+        xs = torch.arange(x0, x1, device=masks.device, dtype=torch.float32) + 0.5
+        # Pixel centres in the [-1, 1] coordinates of the box, as grid_sample expects.
+        gy = (ys - box[1]) / max(box[3] - box[1], 1e-6) * 2 - 1
+        gx = (xs - box[0]) / max(box[2] - box[0], 1e-6) * 2 - 1
+        grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=2)[None]
+        pasted = F.grid_sample(mask[None].float(), grid, align_corners=False)[0, 0]
+        out[i, y0:y1, x0:x1] = pasted >= threshold
+    return out
 
 
 class RegionHead(nn.Module):
-    """Turns proposals into region embeddings, class scores, boxes and masks."""
+    """Turns region embeddings into class scores, boxes and masks."""
 
     def __init__(
         self,
@@ -56,46 +105,18 @@ class RegionHead(nn.Module):
         self.sampling = sampling
         self.loss_settings = loss_settings
 
-    def region_features(self, res4, boxes: List[torch.Tensor], res5: nn.Module):
-        """res5 feature maps [R, C5, S/2, S/2] of the given boxes."""
-        return res5(pool_regions(res4, boxes, self.pooler_resolution))
-
-    def embed(self, res4, boxes: List[torch.Tensor], res5: nn.Module, attnpool: nn.Module):
-        """Unnormalised region embeddings [R, D] of the given boxes.
-
-        Without gradients, regions go through res5 in chunks: the res5 activations of a
-        thousand RN50x4 regions alone would take gigabytes.
-        """
-        pooled = pool_regions(res4, boxes, self.pooler_resolution)
-        if torch.is_grad_enabled():
-            return attnpool(res5(pooled))
-        chunks = pooled.split(INFERENCE_CHUNK) if len(pooled) else [pooled]
-        return torch.cat([attnpool(res5(chunk)) for chunk in chunks])
-
-    def forward(
-        self,
-        features: Dict[str, torch.Tensor],
-        proposals: List[Instances],
-        res5: nn.Module,
-        attnpool: nn.Module,
-        keep_embeddings: bool = False,
-    ) -> List[Instances]:
+    def predict(self, embeddings: torch.Tensor, proposals: List[Instances], res4: torch.Tensor,
+                trunk: CLIPResNet, given_boxes: bool = False) -> List[Instances]:
         """Detections per image, in the (resized) input coordinates.
 
-        Each result also carries ``proposal_index`` (the proposal a detection came from) and,
-        with ``keep_embeddings``, ``region_embeddings`` (its unnormalised embedding, [N, D]).
+        embeddings: [sum R_i, D] of the proposals. ``given_boxes``: the proposals are regions
+        chosen by the caller (or ground truth): kept as they are and not fused with an
+        objectness they do not have. Each result also carries ``proposal_index``, the
+        proposal a detection came from.
         """
-        res4 = features["res4"]
-        embeddings = self.embed(res4, [p.proposal_boxes.tensor for p in proposals], res5, attnpool)
-        results = self.predict(embeddings, proposals, res4, res5)
-        if keep_embeddings:
-            per_image = embeddings.split([len(p) for p in proposals])
-            for result, image_embeddings in zip(results, per_image):
-                result.region_embeddings = image_embeddings[result.proposal_index]
-        return results
-
-    def predict(self, embeddings, proposals: List[Instances], res4, res5) -> List[Instances]:
         settings = self.inference_settings
+        if given_boxes:
+            settings = dataclasses.replace(settings, no_box_delta=True, multiply_rpn_score=False)
         logits, deltas = self.box_predictor(embeddings)
         scores, unfused = predict_probs(logits, proposals, settings.multiply_rpn_score)
         boxes = predict_boxes(deltas, proposals, settings)
@@ -105,31 +126,26 @@ class RegionHead(nn.Module):
             result.proposal_index = index
             results.append(result)
         if self.mask_head is not None:
-            self._predict_masks(res4, res5, results)
+            self._predict_masks(res4, trunk, results)
         return results
 
-    def _predict_masks(self, res4, res5: nn.Module, results: List[Instances]) -> None:
+    def _predict_masks(self, res4, trunk: CLIPResNet, results: List[Instances]) -> None:
         boxes = [r.pred_boxes.tensor for r in results]
         if sum(len(b) for b in boxes) == 0:
             for r in results:
                 size = self.pooler_resolution
                 r.pred_masks = res4.new_zeros((0, 1, size, size))
             return
-        attach_mask_probs(self.mask_head(self.region_features(res4, boxes, res5)), results)
+        features = trunk.region_features(res4, boxes, self.pooler_resolution)
+        attach_mask_probs(self.mask_head(features), results)
 
     @property
     def num_train_classes(self) -> int:
         """Classes of the training vocabulary; label ``num_train_classes`` is background."""
         return self.box_predictor.cls_score.weight.shape[0]
 
-    def losses(
-        self,
-        features: Dict[str, torch.Tensor],
-        proposals: List[Instances],
-        targets: List[Instances],
-        res5: nn.Module,
-        attnpool: nn.Module,
-    ) -> Dict[str, torch.Tensor]:
+    def losses(self, res4: torch.Tensor, proposals: List[Instances], targets: List[Instances],
+               trunk: CLIPResNet) -> Dict[str, torch.Tensor]:
         """Training losses: ``loss_cls``, ``loss_box_reg`` and, with a mask head, ``loss_mask``.
 
         targets: per image ``gt_boxes``, ``gt_classes`` (contiguous training ids) and, for the
@@ -137,9 +153,9 @@ class RegionHead(nn.Module):
         """
         sampled = label_and_sample_proposals(proposals, targets, self.num_train_classes,
                                              self.sampling)
-        res5_features = self.region_features(
-            features["res4"], [s.proposal_boxes.tensor for s in sampled], res5)
-        logits, deltas = self.box_predictor(attnpool(res5_features))
+        res5_features = trunk.region_features(
+            res4, [s.proposal_boxes.tensor for s in sampled], self.pooler_resolution)
+        logits, deltas = self.box_predictor(trunk.attnpool(res5_features))
         losses = predictor_losses(logits, deltas, sampled, self.loss_settings)
         if self.mask_head is not None:
             losses["loss_mask"] = self._mask_loss(res5_features, sampled, targets)
@@ -159,6 +175,11 @@ class RegionHead(nn.Module):
                                                mask_logits.shape[-1], s.gt_index[fg]))
         classes = torch.cat([s.gt_classes[fg] for s, fg in zip(sampled, foreground)])
         return mask_loss(mask_logits, torch.cat(crops).to(mask_logits.device), classes)
+
+
+_BACKGROUND = "the background embedding is fixed at zero"
+_LEARNT = "learnt from its initialisation in this training"
+_NO_DELTAS = "box deltas are not applied (MODEL.CLIP.NO_BOX_DELTA or ground-truth boxes)"
 
 
 def missing_by_design(model: nn.Module, training: bool) -> Dict[str, str]:
