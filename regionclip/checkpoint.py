@@ -24,7 +24,7 @@ from .download_pages import missing_file_message
 from .load_report import LoadReport
 
 __all__ = ["CheckpointError", "CheckpointMismatchError", "LoadReport", "VOCABULARY_KEYS",
-           "ZOO_HINT", "check_architecture", "detect_format", "load_checkpoint",
+           "check_architecture", "detect_format", "load_checkpoint",
            "read_checkpoint", "read_state_dict", "save_checkpoint"]
 
 REGIONCLIP, DETECTRON2, OPENAI_CLIP = "regionclip", "detectron2", "openai_clip"
@@ -34,7 +34,6 @@ VOCABULARY_KEYS = ("roi_heads.box_predictor.cls_score", "roi_heads.box_predictor
 
 _REGIONCLIP_PARTS = ("backbone", "teacher_backbone", "lang_encoder", "offline_backbone",
                      "offline_proposal_generator", "roi_heads")
-ZOO_HINT = "see MODEL_ZOO.md and pretrained_ckpt/README.md for where to download it"
 _OPENAI_TEXT = ("transformer", "token_embedding", "positional_embedding", "ln_final",
                 "text_projection")
 _OPENAI_DROPPED = {"logit_scale": "CLIP's learnt temperature; RegionCLIP uses a fixed one",

@@ -15,7 +15,9 @@ from regionclip.download_pages import (
     file_source,
     missing_file_message,
 )
+from regionclip.engine.weights import existing_file
 from regionclip.model_zoo import DETECTOR_WEIGHTS, RPN_WEIGHTS
+from regionclip.modeling.text_encoder import load_embeddings
 
 REPO = Path(__file__).resolve().parents[1]
 # pretrained_ckpt/<folder>/<file> as the README and the scripts write it
@@ -72,6 +74,17 @@ def test_missing_checkpoint_names_file_purpose_and_page(tmp_path):
     assert message.startswith(f"checkpoint not found: {path};")
     assert MODEL_ZOO_PAGE in message and "pretrained_ckpt/regionclip/" in message
     assert "\n" not in message
+
+
+def test_missing_embedding_and_api_files_say_where_to_get_them(tmp_path):
+    emb = tmp_path / "pretrained_ckpt/concept_emb/lvis_1203_cls_emb_rn50x4.pth"
+    with pytest.raises(FileNotFoundError) as info:
+        load_embeddings(str(emb))
+    assert str(info.value).startswith(f"class embedding file not found: {emb};")
+    assert MODEL_ZOO_PAGE in str(info.value) and "(Google Drive folder concept_emb/)" in \
+        str(info.value)
+    with pytest.raises(FileNotFoundError, match=re.escape(MODEL_ZOO_PAGE) + ".*folder rpn/"):
+        existing_file(tmp_path / "rpn_lvis_866_lsj.pth", "RPN checkpoint")
 
 
 def test_missing_ovd_json_names_the_tool_that_builds_it(tmp_path, monkeypatch):

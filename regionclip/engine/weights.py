@@ -15,16 +15,10 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..checkpoint import (
-    DETECTRON2,
-    VOCABULARY_KEYS,
-    ZOO_HINT,
-    CheckpointError,
-    LoadReport,
-    load_checkpoint,
-)
+from ..checkpoint import DETECTRON2, VOCABULARY_KEYS, CheckpointError, LoadReport, load_checkpoint
 from ..config import load_config
 from ..config.variants import CLIPVariant
+from ..download_pages import missing_file_message
 from ..model_zoo import (
     DETECTOR_WEIGHTS,
     RPN_WEIGHTS,
@@ -88,14 +82,11 @@ def load_text_encoder(weights: str, variant: CLIPVariant) -> TextEncoder:
 # A checkpoint file alone
 # ---------------------------------------------------------------------------------------------
 def existing_file(path: str, what: str) -> str:
-    """``path`` if it is a file, else FileNotFoundError naming it (and the model zoo)."""
+    """``path`` if it is a file, else FileNotFoundError naming it and where to get it."""
     path = os.fspath(path)
     if os.path.isfile(path):
         return path
-    name = os.path.basename(path)
-    official = " (an official RegionCLIP file)" if name in DETECTOR_WEIGHTS or \
-        name in RPN_WEIGHTS else ""
-    raise FileNotFoundError(f"{what} not found: {path}{official}; {ZOO_HINT}")
+    raise FileNotFoundError(missing_file_message(path, what))
 
 
 @dataclass(frozen=True)

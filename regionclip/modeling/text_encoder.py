@@ -13,6 +13,7 @@ from open_clip.transformer import LayerNormFp32, QuickGELU, TextTransformer
 
 from ..atomic import atomic_open
 from ..config.variants import CLIPVariant
+from ..download_pages import missing_file_message
 from ..prompts import PROMPT_TEMPLATES, build_prompts, tokenize
 
 __all__ = ["TextEncoder", "concept_embeddings", "load_embeddings", "save_embeddings"]
@@ -81,7 +82,7 @@ def save_embeddings(embeddings: torch.Tensor, path: str) -> None:
 def load_embeddings(path: str, expected_dim: Optional[int] = None) -> torch.Tensor:
     """Read a [C, D] embedding file (rows unnormalised) as float32 on the CPU."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"embedding file not found: {path}")
+        raise FileNotFoundError(missing_file_message(path, "class embedding file"))
     data = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(data, torch.Tensor) or data.dim() != 2:
         got = tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
