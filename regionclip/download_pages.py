@@ -55,6 +55,10 @@ SOURCES = (
                f"build it from the COCO 2017 instances files with {_OVD_COMMAND}"),
     FileSource(r"lvis_v1_(train|val|image_info_test_(dev|challenge))\.json", "datasets/lvis",
                f"download the LVIS v1 annotations, {LVIS_PAGE}"),
+    # Not downloaded: the user's own inputs of the custom-image and custom-concept scripts.
+    FileSource(r"custom_images", "datasets", "create it and put your own images in it"),
+    FileSource(r"concepts\.txt", "datasets/custom_concepts",
+               "write it yourself: one class name per line"),
 )
 
 

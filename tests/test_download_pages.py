@@ -7,6 +7,7 @@ import pytest
 
 from regionclip.checkpoint import read_state_dict
 from regionclip.data import catalog
+from regionclip.data.coco import class_names_from_file, load_image_folder
 from regionclip.data.coco_ovd import iter_ovd_jsons
 from regionclip.download_pages import (
     COCO_PAGE,
@@ -104,3 +105,10 @@ def test_missing_lvis_and_coco_files_name_their_pages(tmp_path, monkeypatch):
         catalog.get_dataset_dicts("coco_2017_val")
     with pytest.raises(FileNotFoundError, match=re.escape(COCO_PAGE)):
         next(iter_ovd_jsons(str(tmp_path / "coco")))
+
+
+def test_missing_user_inputs_of_the_scripts_say_what_to_put_there(tmp_path):
+    with pytest.raises(FileNotFoundError, match="put your own images in it.*datasets/README.md"):
+        load_image_folder(str(tmp_path / "datasets/custom_images"))
+    with pytest.raises(FileNotFoundError, match="one class name per line.*custom_concepts/"):
+        class_names_from_file(str(tmp_path / "datasets/custom_concepts/concepts.txt"))
