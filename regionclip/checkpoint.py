@@ -7,28 +7,25 @@ One converter per source format, chosen by the file's key signature (never by it
 renamed with explicit prefix tables and loaded non-strictly by exact name; the CLIP variant of
 every CLIP part is derived from tensor shapes and checked against the model first.
 """
-import logging
 import math
 import os
 import pickle
 import re
 import warnings
 import zipfile
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .atomic import atomic_open
 from .config.variants import LEGACY_DEPTHS, VARIANTS
+from .download_pages import missing_file_message
+from .load_report import LoadReport
 
 __all__ = ["CheckpointError", "CheckpointMismatchError", "LoadReport", "VOCABULARY_KEYS",
-           "ZOO_HINT", "check_architecture", "detect_format", "load_checkpoint",
+           "check_architecture", "detect_format", "load_checkpoint",
            "read_checkpoint", "read_state_dict", "save_checkpoint"]
-
-logger = logging.getLogger(__name__)
 
 REGIONCLIP, DETECTRON2, OPENAI_CLIP = "regionclip", "detectron2", "openai_clip"
 # The classifier's text embeddings: pass as `skip_prefixes` so a user's vocabulary file wins
@@ -37,7 +34,6 @@ VOCABULARY_KEYS = ("roi_heads.box_predictor.cls_score", "roi_heads.box_predictor
 
 _REGIONCLIP_PARTS = ("backbone", "teacher_backbone", "lang_encoder", "offline_backbone",
                      "offline_proposal_generator", "roi_heads")
-ZOO_HINT = "see MODEL_ZOO.md and pretrained_ckpt/README.md for where to download it"
 _OPENAI_TEXT = ("transformer", "token_embedding", "positional_embedding", "ln_final",
                 "text_projection")
 _OPENAI_DROPPED = {"logit_scale": "CLIP's learnt temperature; RegionCLIP uses a fixed one",
@@ -58,75 +54,11 @@ class CheckpointMismatchError(CheckpointError):
     """The checkpoint holds a different architecture than the model."""
 
 
-@dataclass
-class LoadReport:
-    """Outcome of :func:`load_checkpoint`; keys are model (target) names unless noted."""
-
-    path: str
-    format: str
-    loaded: List[str] = field(default_factory=list)
-    missing: List[str] = field(default_factory=list)  # kept their initialisation
-    unexpected: List[str] = field(default_factory=list)  # under a part the model has
-    unused: List[str] = field(default_factory=list)  # parts the model does not have, by design
-    mismatched: List[Tuple[str, tuple, tuple]] = field(default_factory=list)  # key, file, model
-    dropped: List[Tuple[str, str]] = field(default_factory=list)  # key, reason (on purpose)
-    model_keys: Tuple[str, ...] = field(default=(), repr=False)  # the keys this load targeted
-
-    def summary(self) -> str:
-        return "\n".join(self._info_lines() + self._warning_lines())
-
-    def log(self) -> None:
-        logger.info("\n".join(self._info_lines()))
-        problems = self._warning_lines()
-        if problems:
-            logger.warning("\n".join(problems))
-
-    def _info_lines(self) -> List[str]:
-        lines = [f"Loaded {len(self.loaded)} of {len(self.model_keys)} model tensors from "
-                 f"{self.path} (format {self.format})"]
-        if self.unused:
-            groups = Counter(k.split(".")[0] for k in self.unused)
-            lines.append("Unused by design (the model has no such part): "
-                         + ", ".join(f"{p} ({n} tensors)" for p, n in groups.items()))
-        groups = Counter((k.split(".")[0], reason) for k, reason in self.dropped)
-        lines += [f"Dropped on purpose: {p} ({n} tensors): {r}" for (p, r), n in groups.items()]
-        return lines
-
-    def _warning_lines(self) -> List[str]:
-        lines = [f"Skipped (shape mismatch, kept the model's value): {k}: checkpoint {f} vs "
-                 f"model {m}" for k, f, m in self.mismatched]
-        lines += [f"{p}: {n} tensors missing (kept their initialisation)"
-                  for p, n in _group(self.missing, self.model_keys).items()]
-        universe = self.loaded + self.unexpected + [k for k, _, _ in self.mismatched]
-        lines += [f"{p}: {n} tensors unexpected (not in the model)"
-                  for p, n in _group(self.unexpected, universe).items()]
-        return lines
-
-
-def _group(keys: Sequence[str], universe: Sequence[str]) -> Dict[str, int]:
-    """Count ``keys`` under the shortest module prefix whose keys in ``universe`` are all in
-    ``keys``: a wholly missing backbone is one line, a missing ``bbox_pred`` another."""
-    total, hit = Counter(), Counter()
-    for key in universe:
-        total.update(_prefixes(key))
-    for key in keys:
-        hit.update(_prefixes(key))
-    groups = Counter()
-    for key in keys:
-        groups[next(p for p in _prefixes(key) if hit[p] == total[p])] += 1
-    return dict(groups)
-
-
-def _prefixes(key: str) -> List[str]:
-    parts = key.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-
-
 def read_checkpoint(path: str) -> Any:
     """The object stored in ``path``, read without running pickled code (CPU tensors)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}; {ZOO_HINT}")
+        raise FileNotFoundError(missing_file_message(path, "checkpoint"))
     if path.endswith(".pkl"):
         raise CheckpointError(
             f"{path}: detectron2 .pkl checkpoints (pickled numpy dicts) are not supported, "
@@ -358,13 +290,16 @@ def _match(report: LoadReport, mapped: Mapping[str, Any], model_state: Mapping,
             report.unexpected.append(key)
     report.loaded = list(to_load)
     handled = set(to_load) | {k for k, _, _ in report.mismatched}
-    report.missing = [k for k in report.model_keys
-                      if k not in handled and not _under(k, skip_prefixes)]
+    missing = [k for k in report.model_keys if k not in handled and not _under(k, skip_prefixes)]
+    explained = tuple(report.by_design)
+    report.missing = [k for k in missing if not _under(k, explained)]
+    report.missing_by_design = [k for k in missing if _under(k, explained)]
     return to_load
 
 
 def load_checkpoint(model: nn.Module, path: str, *, offline_rpn: bool = False,
-                    skip_prefixes: Sequence[str] = ()) -> LoadReport:
+                    skip_prefixes: Sequence[str] = (),
+                    by_design: Optional[Mapping[str, str]] = None) -> LoadReport:
     """Load ``path`` into ``model`` non-strictly by exact (renamed) key and log a report.
 
     Args:
@@ -373,6 +308,8 @@ def load_checkpoint(model: nn.Module, path: str, *, offline_rpn: bool = False,
             on purpose and the other model parts are left untouched.
         skip_prefixes: model key prefixes whose current values are kept (e.g.
             :data:`VOCABULARY_KEYS`, so a vocabulary file wins over stored embeddings).
+        by_design: model key prefix -> why the model needs no value from the file there; its
+            missing keys are logged with that reason at INFO, not as a warning.
     """
     state_dict, fmt = read_state_dict(path)
     model_state = model.state_dict()
@@ -380,7 +317,8 @@ def load_checkpoint(model: nn.Module, path: str, *, offline_rpn: bool = False,
     check_architecture(path, mapped, model_state)
     targets = [k for k in model_state
                if not offline_rpn or _under(k, tuple(_OFFLINE_IDENTITY))]
-    report = LoadReport(os.fspath(path), fmt, dropped=dropped, model_keys=tuple(targets))
+    report = LoadReport(os.fspath(path), fmt, dropped=dropped, model_keys=tuple(targets),
+                        by_design=dict(by_design or {}))
     to_load = _match(report, mapped, model_state, skip_prefixes)
     model.load_state_dict(to_load, strict=False)
     report.log()

@@ -29,7 +29,7 @@ from .data.coco import check_class_names, class_names_from_file
 from .data.mapper import IMAGE_EXTENSIONS, read_image, read_image_size
 from .engine.defaults import USER_ERROR_STATUS, is_user_error, user_error_line
 from .evaluation.results import instances_to_coco_json, write_json_atomic
-from .visualization import draw_predictions, select_predictions
+from .visualization import DRAWING_BACKGROUND, draw_predictions, select_predictions
 
 logger = logging.getLogger("regionclip")
 VIS_MAX_BOXES = 25  # as the original's visualize scripts
@@ -177,8 +177,8 @@ def draw_all(document: dict, folder: str, threshold: float) -> None:
         used.add(name)
         shown = select_predictions(per_image[image["id"]], threshold, unique_boxes=True,
                                    max_boxes=VIS_MAX_BOXES)
-        canvas = draw_predictions(read_image(image["file_name"], "BGR"), shown, names,
-                                  {k + 1: k for k in range(len(names))})
+        canvas = draw_predictions(read_image(image["file_name"], "BGR", DRAWING_BACKGROUND),
+                                  shown, names, {k + 1: k for k in range(len(names))})
         if not cv2.imwrite(os.path.join(folder, name), canvas):
             raise OSError(f"could not write {os.path.join(folder, name)}")
 

@@ -29,6 +29,7 @@ from regionclip.data.coco import (
     lvis_base_categories,
     read_categories,
 )
+from regionclip.download_pages import missing_file_message
 
 DATASETS_ENV = "DETECTRON2_DATASETS"
 DEFAULT_ROOT = "datasets"
@@ -160,10 +161,10 @@ def _parse_coco_json_name(name):
 
 def _require_json(name, spec):
     if not os.path.isfile(spec.json_file):
-        raise FileNotFoundError(
-            f"annotation file of dataset {name!r} not found: {spec.json_file} "
-            f"(dataset root {dataset_root()!r}, set with ${DATASETS_ENV}); {_README_HINT}"
-        )
+        message = missing_file_message(spec.json_file, f"annotation file of dataset {name!r}")
+        if name in _BUILTIN:
+            message += f"; dataset root {dataset_root()!r} (set with ${DATASETS_ENV})"
+        raise FileNotFoundError(message)
 
 
 def get_dataset_dicts(name, input_dir=None, check_files=True):

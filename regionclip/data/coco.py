@@ -19,6 +19,7 @@ from typing import List, Sequence
 from pycocotools.coco import COCO
 
 from regionclip.data.mapper import IMAGE_EXTENSIONS, read_image_size
+from regionclip.download_pages import missing_file_message
 from regionclip.structures import BoxMode
 
 logger = logging.getLogger(__name__)
@@ -270,7 +271,7 @@ def load_image_folder(folder):
     EXIF orientation applied, so they match the decoded images.
     """
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"image folder not found: {folder}")
+        raise FileNotFoundError(missing_file_message(folder, "image folder"))
     names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
     if not names:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
@@ -291,7 +292,7 @@ def class_names_from_file(path: str, exclude_rare: bool = False) -> List[str]:
     (the 866 base classes).
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"class-name file not found: {path}")
+        raise FileNotFoundError(missing_file_message(path, "class-name file"))
     if path.endswith(".json"):
         names = _names_from_json(path, exclude_rare)
     else:

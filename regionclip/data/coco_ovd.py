@@ -8,6 +8,8 @@ such annotation.
 import json
 import os
 
+from regionclip.download_pages import COCO_PAGE
+
 # (COCO category id, name); both tuples are in COCO id order.
 NOVEL_CATEGORIES = (
     (5, "airplane"), (6, "bus"), (17, "cat"), (18, "dog"), (21, "cow"), (22, "elephant"),
@@ -69,8 +71,8 @@ def iter_ovd_jsons(coco_root):
     missing = [path for path in sources.values() if not os.path.isfile(path)]
     if missing:
         raise FileNotFoundError(
-            f"COCO annotations not found: {', '.join(missing)}; "
-            "see datasets/README.md for the layout"
+            f"COCO 2017 annotations not found: {', '.join(missing)}; download the 2017 "
+            f"train/val annotations from {COCO_PAGE} (see datasets/README.md for the layout)"
         )
     for image_set, source in sources.items():
         with open(source) as f:

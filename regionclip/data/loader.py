@@ -5,7 +5,9 @@ Their content is a function of the data seed and the iteration only (see ``sampl
 loader restarted with :meth:`TrainingLoader.iter_from` at iteration ``k`` yields exactly what an
 uninterrupted one yields from its ``k``-th batch on, whatever the number of workers.
 """
+import functools
 import logging
+import os
 from itertools import islice
 from typing import Callable, Iterator, List, Optional, Sequence
 
@@ -85,6 +87,29 @@ def _as_list(batch: List[dict]) -> List[dict]:
     return batch
 
 
+def available_cpus() -> int:
+    """CPU cores this process may run on: its affinity mask (taskset, a container's cpuset)
+    where the platform has one, else the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def cap_workers(requested: int) -> int:
+    """``requested`` DataLoader workers, at most one per available core (more only compete for
+    the same cores, and torch warns about them)."""
+    cores = available_cpus()
+    if requested > cores:
+        _log_capped(requested, cores)
+    return min(requested, cores)
+
+
+@functools.lru_cache(maxsize=None)  # once per process: test loaders are built per evaluation
+def _log_capped(requested: int, cores: int) -> None:
+    logger.info("DATALOADER.NUM_WORKERS %d capped to %d: this process can use %d CPU cores",
+                requested, cores, cores)
+
+
 def build_test_loader(records: Sequence[dict], mapper: Callable, num_workers: int = 0):
     """One image per batch (images differ in size), this process's shard only."""
     dataset = MappedDataset(records, mapper)
@@ -92,7 +117,7 @@ def build_test_loader(records: Sequence[dict], mapper: Callable, num_workers: in
         dataset,
         batch_size=1,
         sampler=InferenceSampler(len(dataset)),
-        num_workers=num_workers,
+        num_workers=cap_workers(num_workers),
         collate_fn=_as_list,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
@@ -224,5 +249,5 @@ def build_train_loader(cfg, mapper: Optional[Callable] = None) -> TrainingLoader
         build_training_sampler(cfg, records, seed),
         per_process_batch(cfg.SOLVER.IMS_PER_BATCH, get_world_size()),
         groups,
-        cfg.DATALOADER.NUM_WORKERS,
+        cap_workers(cfg.DATALOADER.NUM_WORKERS),
     )

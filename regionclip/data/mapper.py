@@ -28,6 +28,7 @@ _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 # PIL modes holding integers wider than 8 bits (16-bit PNG/TIFF greyscale).
 _WIDE_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 _UINT16_TO_UINT8 = 255.0 / 65535.0
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 FLIP_MODES = ("horizontal", "none")
 # detectron2's filter_empty_instances threshold on box sides (pixels)
 EMPTY_BOX_THRESHOLD = 1e-5
@@ -41,12 +42,13 @@ class ImageSizeMismatchError(ValueError):
     """The decoded image does not have the size its record (json) states."""
 
 
-def read_image(path, format="RGB"):
+def read_image(path, format="RGB", background=None):
     """Decode ``path`` into an upright uint8 array of shape [H, W, 3] in ``format``.
 
     Upright: the EXIF orientation is applied, as detectron2 does, so pixels match what the
-    COCO/LVIS annotations refer to. Greyscale, palette, CMYK and RGBA files become RGB (alpha is
-    dropped, as in detectron2); 16-bit greyscale is scaled to 8 bits over its full range.
+    COCO/LVIS annotations refer to. Greyscale, palette, CMYK and RGBA files become RGB; alpha is
+    dropped, as in detectron2, or, given a ``background`` RGB colour, transparent pixels are
+    composited onto it (for drawings). 16-bit greyscale is scaled to 8 bits over its full range.
     """
     if format not in SUPPORTED_FORMATS:
         raise ValueError(f"image format must be one of {SUPPORTED_FORMATS}, got {format!r}")
@@ -54,7 +56,10 @@ def read_image(path, format="RGB"):
         with Image.open(path) as image:
             image.load()
             image = ImageOps.exif_transpose(image)
-            if image.mode in _WIDE_INT_MODES:
+            if background is not None and (image.mode in _ALPHA_MODES
+                                           or "transparency" in image.info):
+                array = composite_over(np.asarray(image.convert("RGBA")), background)
+            elif image.mode in _WIDE_INT_MODES:
                 wide = np.asarray(image, dtype=np.float64)
                 grey = np.clip(np.rint(wide * _UINT16_TO_UINT8), 0, 255).astype(np.uint8)
                 array = np.repeat(grey[:, :, None], 3, axis=2)
@@ -64,6 +69,14 @@ def read_image(path, format="RGB"):
     except (OSError, ValueError, SyntaxError) as error:
         raise ImageReadError(f"cannot read image {path}: {error}") from error
     return np.ascontiguousarray(array[:, :, ::-1] if format == "BGR" else array)
+
+
+def composite_over(image, background):
+    """uint8 [H, W, 4] with alpha last -> [H, W, 3] over a uniform ``background`` colour (in
+    the image's channel order)."""
+    alpha = image[:, :, 3:].astype(np.float32) / 255.0
+    blended = image[:, :, :3] * alpha + np.asarray(background, np.float32) * (1.0 - alpha)
+    return np.rint(blended).astype(np.uint8)
 
 
 def read_image_size(path):

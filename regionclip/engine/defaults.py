@@ -226,7 +226,7 @@ def train(cfg, model, resume: bool = False) -> dict:
     model.train()
     loader, eval_fn = _training_data(cfg, model)
     if not (resume and last_checkpoint_path(cfg.OUTPUT_DIR)):
-        load_weights(cfg, model)
+        load_weights(cfg, model, training=True)
     trainer = build_trainer(cfg, model, loader, eval_fn=eval_fn)
     trainer.resume_or_start(resume)
     return trainer.train()

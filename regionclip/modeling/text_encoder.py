@@ -13,6 +13,7 @@ from open_clip.transformer import LayerNormFp32, QuickGELU, TextTransformer
 
 from ..atomic import atomic_open
 from ..config.variants import CLIPVariant
+from ..download_pages import missing_file_message
 from ..prompts import PROMPT_TEMPLATES, build_prompts, tokenize
 
 __all__ = ["TextEncoder", "check_finite_embeddings", "concept_embeddings", "load_embeddings",
@@ -92,7 +93,7 @@ def check_finite_embeddings(embeddings: torch.Tensor, source: str) -> None:
 def load_embeddings(path: str, expected_dim: Optional[int] = None) -> torch.Tensor:
     """Read a [C, D] embedding file (rows unnormalised, finite) as float32 on the CPU."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"embedding file not found: {path}")
+        raise FileNotFoundError(missing_file_message(path, "class embedding file"))
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many types for a damaged file
