@@ -3,9 +3,10 @@
 One converter per source format, chosen by the file's key signature (never by its name):
 ``regionclip`` (RegionCLIP detectors, and ``*_OAI_CLIP.pth`` files stored in their names),
 ``detectron2`` (plain detectors: the ``rpn_*.pth`` files of ``MODEL.CLIP.BB_RPN_WEIGHTS``) and
-``openai_clip`` (``visual.*`` + text tower, as a TorchScript archive or a state dict). Keys are
-renamed with explicit prefix tables and loaded non-strictly by exact name; the CLIP variant of
-every CLIP part is derived from tensor shapes and checked against the model first.
+``openai_clip`` (``visual.*`` + text tower, as a TorchScript archive or a state dict) and
+``detic`` (Detic's CustomRCNN, with ``zs_weight``; its caption models add ``text_encoder.*``).
+Keys are renamed with explicit prefix tables and loaded non-strictly by exact name; the CLIP
+variant of every CLIP part is derived from tensor shapes and checked against the model first.
 """
 import logging
 import math
@@ -30,10 +31,11 @@ __all__ = ["CheckpointError", "CheckpointMismatchError", "LoadReport", "VOCABULA
 
 logger = logging.getLogger(__name__)
 
-REGIONCLIP, DETECTRON2, OPENAI_CLIP = "regionclip", "detectron2", "openai_clip"
+REGIONCLIP, DETECTRON2, OPENAI_CLIP, DETIC = "regionclip", "detectron2", "openai_clip", "detic"
 # The classifier's text embeddings: pass as `skip_prefixes` so a user's vocabulary file wins
 # over the embeddings a fine-tuned checkpoint carries (the original let the checkpoint win).
 VOCABULARY_KEYS = ("roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.test_cls_score")
+DETIC_VOCABULARY_KEY = "roi_heads.box_predictor.cls_score.zs_weight"
 
 _REGIONCLIP_PARTS = ("backbone", "teacher_backbone", "lang_encoder", "offline_backbone",
                      "offline_proposal_generator", "roi_heads")
@@ -201,13 +203,15 @@ def detect_format(state_dict: Mapping[str, Any], path: str = "checkpoint") -> st
     tops = _tops(state_dict)
     if "visual" in tops or "token_embedding" in tops:
         return OPENAI_CLIP
+    if DETIC_VOCABULARY_KEY in state_dict:
+        return DETIC
     if {"backbone", "proposal_generator"} <= tops:
         return DETECTRON2
     if tops & set(_REGIONCLIP_PARTS):
         return REGIONCLIP
     raise CheckpointError(
         f"{path}: unknown checkpoint layout, top-level prefixes {sorted(tops)}; expected "
-        f"RegionCLIP ({', '.join(_REGIONCLIP_PARTS)}), detectron2 (backbone, "
+        f"RegionCLIP ({', '.join(_REGIONCLIP_PARTS)}), detectron2 or Detic (backbone, "
         "proposal_generator, roi_heads) or OpenAI CLIP (visual, transformer, token_embedding)")
 
 
@@ -248,7 +252,7 @@ def _convert_openai(state_dict, model_tops, offline_rpn: bool):
 
 
 _CONVERTERS = {REGIONCLIP: _convert_detector, DETECTRON2: _convert_detector,
-               OPENAI_CLIP: _convert_openai}
+               DETIC: _convert_detector, OPENAI_CLIP: _convert_openai}
 
 
 def _tops(keys) -> set:

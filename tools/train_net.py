@@ -20,7 +20,7 @@ import json
 import logging
 import os
 
-from regionclip.checkpoint import VOCABULARY_KEYS, load_checkpoint
+from regionclip.checkpoint import DETIC_VOCABULARY_KEY, VOCABULARY_KEYS, load_checkpoint
 from regionclip.data.catalog import get_dataset_dicts, get_metadata
 from regionclip.data.loader import build_test_loader, build_train_loader
 from regionclip.data.mapper import build_inference_mapper
@@ -33,6 +33,7 @@ from regionclip.evaluation import ProposalRecallEvaluator, build_evaluator
 from regionclip.evaluation.inference import inference_on_dataset
 from regionclip.evaluation.results import write_json_atomic
 from regionclip.modeling.build import build_model
+from regionclip.modeling.detic.build import test_classifier
 
 logger = logging.getLogger("regionclip")
 
@@ -47,6 +48,8 @@ def load_weights(cfg, model) -> None:
     protected = [key for key, path in zip(VOCABULARY_KEYS,
                                           (clip.TEXT_EMB_PATH, clip.OPENSET_TEST_TEXT_EMB_PATH))
                  if path]
+    if cfg.MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH:
+        protected.append(DETIC_VOCABULARY_KEY)
     if cfg.MODEL.WEIGHTS:
         load_checkpoint(model, cfg.MODEL.WEIGHTS, skip_prefixes=protected)
     if clip.BB_RPN_WEIGHTS and clip.CROP_REGION_TYPE == "RPN":
@@ -76,7 +79,9 @@ def test(cfg, model) -> dict:
     proposals_only = not hasattr(model, "roi_heads")
     mapper = build_inference_mapper(cfg, keep_annotations=proposals_only)
     model.eval()
-    for name in cfg.DATASETS.TEST:
+    for index, name in enumerate(cfg.DATASETS.TEST):
+        if cfg.MODEL.RESET_CLS_TESTS:  # Detic: one classifier per test dataset
+            model.set_test_classifier(test_classifier(cfg, index))
         check_vocabulary(model, name)
         records = get_dataset_dicts(name, input_dir=cfg.INPUT_DIR)
         loader = build_test_loader(records, mapper, cfg.DATALOADER.NUM_WORKERS)

@@ -67,9 +67,17 @@ def seed_everything(seed: int) -> int:
     return seed
 
 
+def auto_output_dir(output_dir: str, config_file: str) -> str:
+    """Detic's convention: a path component ``auto`` becomes the config file's name, so that
+    configs sharing a base write to different folders."""
+    name = os.path.splitext(os.path.basename(config_file))[0]
+    return "/".join(name if part == "auto" else part for part in output_dir.split("/"))
+
+
 def setup(args):
     """Load the config from the parsed arguments and prepare the output folder."""
     cfg = load_config(args.config_file, args.opts)
+    cfg.OUTPUT_DIR = auto_output_dir(cfg.OUTPUT_DIR, args.config_file)
     cfg.freeze()
     logger = setup_logging(cfg.OUTPUT_DIR)
     logger.info("Command line: %s", " ".join(sys.argv))

@@ -9,6 +9,7 @@ from .box_predictor import InferenceSettings, LossSettings, TextEmbeddingPredict
 from .clip_resnet import CLIPResNet
 from .clip_variants import CLIPVariant
 from .detector import CLIPFastRCNN
+from .detic.build import build_custom_rcnn
 from .mask_head import MaskHead
 from .offline_rpn import build_offline_rpn, offline_rpn_cfg
 from .pretrainer import LOSS_NAMES, REGION_LOSSES, PretrainFastRCNN
@@ -194,9 +195,15 @@ def build_pretrain_fast_rcnn(cfg) -> PretrainFastRCNN:
     return model
 
 
+def _build_custom_rcnn(cfg):
+    """Detic's CustomRCNN (`detic/build.py`) with the core's RoI head settings."""
+    return build_custom_rcnn(cfg, inference_settings(cfg), roi_sampling(cfg), loss_settings(cfg))
+
+
 META_ARCHITECTURES = {
     "CLIPFastRCNN": build_clip_fast_rcnn,
     "PretrainFastRCNN": build_pretrain_fast_rcnn,
+    "CustomRCNN": _build_custom_rcnn,  # Detic's open-vocabulary COCO models
     "ProposalNetwork": build_proposal_network,  # trains an offline RPN (rpn_training.py)
     # The original's mask_rcnn_* configs: only their RPN is built and trained, for
     # MODEL.CLIP.BB_RPN_WEIGHTS (the log says so).
