@@ -2,11 +2,11 @@
 
 One converter per source format, chosen by the file's key signature (never by its name):
 ``regionclip`` (RegionCLIP detectors, and ``*_OAI_CLIP.pth`` files stored in their names),
-``detectron2`` (plain detectors: the ``rpn_*.pth`` files of ``MODEL.CLIP.BB_RPN_WEIGHTS``) and
-``openai_clip`` (``visual.*`` + text tower, as a TorchScript archive or a state dict) and
-``detic`` (Detic's CustomRCNN, with ``zs_weight``; its caption models add ``text_encoder.*``).
-Keys are renamed with explicit prefix tables and loaded non-strictly by exact name; the CLIP
-variant of every CLIP part is derived from tensor shapes and checked against the model first.
+``detectron2`` (plain detectors: the ``rpn_*.pth`` files of ``MODEL.CLIP.BB_RPN_WEIGHTS``),
+``detic`` (Detic's CustomRCNN, with ``zs_weight``) and ``openai_clip`` (``visual.*`` + text
+tower, as a TorchScript archive or a state dict). Keys are renamed with explicit prefix tables
+and loaded non-strictly by exact name; the CLIP variant of every CLIP part is derived from
+tensor shapes and checked against the model first.
 """
 import logging
 import math
@@ -35,7 +35,6 @@ REGIONCLIP, DETECTRON2, OPENAI_CLIP, DETIC = "regionclip", "detectron2", "openai
 # The classifier's text embeddings: pass as `skip_prefixes` so a user's vocabulary file wins
 # over the embeddings a fine-tuned checkpoint carries (the original let the checkpoint win).
 VOCABULARY_KEYS = ("roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.test_cls_score")
-DETIC_VOCABULARY_KEY = "roi_heads.box_predictor.cls_score.zs_weight"
 
 _REGIONCLIP_PARTS = ("backbone", "teacher_backbone", "lang_encoder", "offline_backbone",
                      "offline_proposal_generator", "roi_heads")
@@ -203,10 +202,8 @@ def detect_format(state_dict: Mapping[str, Any], path: str = "checkpoint") -> st
     tops = _tops(state_dict)
     if "visual" in tops or "token_embedding" in tops:
         return OPENAI_CLIP
-    if DETIC_VOCABULARY_KEY in state_dict:
-        return DETIC
-    if {"backbone", "proposal_generator"} <= tops:
-        return DETECTRON2
+    if {"backbone", "proposal_generator"} <= tops:  # Detic's have a zero-shot classifier
+        return DETIC if any(k.endswith(".zs_weight") for k in state_dict) else DETECTRON2
     if tops & set(_REGIONCLIP_PARTS):
         return REGIONCLIP
     raise CheckpointError(
@@ -240,11 +237,13 @@ def _convert_detector(state_dict, model_tops, offline_rpn: bool):
 
 
 def _convert_openai(state_dict, model_tops, offline_rpn: bool):
-    """visual -> backbone (and the teacher, when the model has one); text -> lang_encoder."""
+    """visual -> backbone (and teacher_backbone); text -> lang_encoder (Detic: text_encoder)."""
     if offline_rpn:
         raise CheckpointError("OpenAI CLIP weights hold no RPN; use them as MODEL.WEIGHTS")
     visual = ("backbone",) + (("teacher_backbone",) if "teacher_backbone" in model_tops else ())
-    prefix_map = {"visual": visual, **{t: (f"lang_encoder.{t}",) for t in _OPENAI_TEXT}}
+    text = "text_encoder" if "text_encoder" in model_tops else "lang_encoder"
+    visual = ("visual",) if text == "text_encoder" else visual  # Detic: image tower unused
+    prefix_map = {"visual": visual, **{t: (f"{text}.{t}",) for t in _OPENAI_TEXT}}
     dropped = [(k, _OPENAI_DROPPED[k]) for k in state_dict if k in _OPENAI_DROPPED]
     kept = {k: v for k, v in state_dict.items() if k not in _OPENAI_DROPPED}
     mapped, _ = _remap(kept, prefix_map, None)

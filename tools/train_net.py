@@ -20,7 +20,7 @@ import json
 import logging
 import os
 
-from regionclip.checkpoint import DETIC_VOCABULARY_KEY, VOCABULARY_KEYS, load_checkpoint
+from regionclip.checkpoint import VOCABULARY_KEYS, load_checkpoint
 from regionclip.data.catalog import get_dataset_dicts, get_metadata
 from regionclip.data.loader import build_test_loader, build_train_loader
 from regionclip.data.mapper import build_inference_mapper
@@ -34,6 +34,7 @@ from regionclip.evaluation.inference import inference_on_dataset
 from regionclip.evaluation.results import write_json_atomic
 from regionclip.modeling.build import build_model
 from regionclip.modeling.detic.build import test_classifier
+from regionclip.modeling.detic.zero_shot_classifier import ZS_WEIGHT_KEY
 
 logger = logging.getLogger("regionclip")
 
@@ -49,9 +50,12 @@ def load_weights(cfg, model) -> None:
                                           (clip.TEXT_EMB_PATH, clip.OPENSET_TEST_TEXT_EMB_PATH))
                  if path]
     if cfg.MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH:
-        protected.append(DETIC_VOCABULARY_KEY)
+        protected.append(ZS_WEIGHT_KEY)
     if cfg.MODEL.WEIGHTS:
         load_checkpoint(model, cfg.MODEL.WEIGHTS, skip_prefixes=protected)
+    if cfg.MODEL.WITH_CAPTION and cfg.MODEL.CAPTION_TEXT_WEIGHTS:  # Detic: the text tower only
+        parts = {key.split(".")[0] for key in model.state_dict()} - {"text_encoder"}
+        load_checkpoint(model, cfg.MODEL.CAPTION_TEXT_WEIGHTS, skip_prefixes=sorted(parts))
     if clip.BB_RPN_WEIGHTS and clip.CROP_REGION_TYPE == "RPN":
         load_checkpoint(model, clip.BB_RPN_WEIGHTS, offline_rpn=True)
 

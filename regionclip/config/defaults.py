@@ -17,7 +17,8 @@ _C.VERSION = 2
 # Model
 # ---------------------------------------------------------------------------------------------
 _C.MODEL = CfgNode()
-_C.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"  # CLIPFastRCNN, PretrainFastRCNN, GeneralizedRCNN
+# CLIPFastRCNN, PretrainFastRCNN, GeneralizedRCNN, CustomRCNN (Detic)
+_C.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
 _C.MODEL.WEIGHTS = ""  # checkpoint to initialise from ("" = none)
 _C.MODEL.DEVICE = "cuda"  # torch device string
 # Sum < 3 selects 0-1 scaled input (CLIP); otherwise 0-255 (detectron2 BGR models).
@@ -84,7 +85,8 @@ _C.MODEL.RPN.NMS_THRESH = 0.7
 _C.MODEL.RPN.CONV_DIMS = [-1]  # head convs; -1 = input channels ([-1, -1] for the LSJ RPN)
 
 _C.MODEL.ROI_HEADS = CfgNode()
-_C.MODEL.ROI_HEADS.NAME = "Res5ROIHeads"  # CLIPRes5ROIHeads, PretrainRes5ROIHeads, StandardROIHeads
+# CLIPRes5ROIHeads, PretrainRes5ROIHeads, StandardROIHeads, CustomRes5ROIHeads (Detic)
+_C.MODEL.ROI_HEADS.NAME = "Res5ROIHeads"
 _C.MODEL.ROI_HEADS.NUM_CLASSES = 80  # foreground classes; must equal the TEXT_EMB_PATH rows
 _C.MODEL.ROI_HEADS.IN_FEATURES = ["res4"]  # exactly one entry for C4 heads
 _C.MODEL.ROI_HEADS.IOU_THRESHOLDS = [0.5]  # proposal foreground IoU
@@ -277,6 +279,8 @@ _C.MODEL.SYNC_CAPTION_BATCH = False  # all-gather the captions of every process 
 _C.MODEL.CAP_BATCH_RATIO = 4  # zero caption rows a process on a box batch adds per image (sync)
 # Text tower of the caption loss of CustomRCNN: "ViT-B/32" (Detic's) or a CLIP variant name.
 _C.MODEL.CAPTION_TEXT_TOWER = "ViT-B/32"
+# CLIP checkpoint holding that tower (OpenAI's ViT-B-32.pt, Detic's caption models); "" = none.
+_C.MODEL.CAPTION_TEXT_WEIGHTS = ""
 _C.MODEL.RESET_CLS_TESTS = False  # classify each DATASETS.TEST entry with its TEST_CLASSIFIERS
 _C.MODEL.TEST_CLASSIFIERS = []  # class-embedding files (.npy [C, D]), one per test dataset
 _C.MODEL.TEST_NUM_CLASSES = []  # their class counts, one per test dataset

@@ -17,6 +17,9 @@ from torch import nn
 
 from ..text_encoder import load_embeddings
 
+# The classifier matrix in a CustomRCNN state dict (Detic's checkpoints hold it).
+ZS_WEIGHT_KEY = "roi_heads.box_predictor.cls_score.zs_weight"
+
 
 def load_class_embeddings(path: str, dim: int) -> torch.Tensor:
     """[C, D] float32 class embeddings from a Detic ``.npy`` file (float16 [C, 512], rows
