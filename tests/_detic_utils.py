@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import numpy as np
+import torch
 from _checkpoint_utils import Shapes, prefixed, text_shapes
 from _data_utils import make_coco_dataset
+from _e2e_utils import sane_state_dict
 
 from regionclip.modeling.clip_variants import get_variant
 
@@ -86,6 +88,17 @@ def detic_shapes(num_classes: int = 80, text: bool = False, tiny: bool = False,
     if text:
         shapes.update(prefixed("text_encoder.", text_shapes(get_variant(tower))))
     return shapes
+
+
+def detic_state_dict(shapes: Shapes, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """`sane_state_dict` values for a Detic model: the stem is scaled for 0-255 pixels and the
+    box deltas start at zero, so that proposals and detections are real boxes."""
+    state = sane_state_dict(shapes, seed)
+    state["backbone.stem.conv1.weight"] = state["backbone.stem.conv1.weight"] / 64.0
+    for key in state:
+        if ".anchor_deltas." in key or key.startswith("roi_heads.box_predictor.bbox_pred.2."):
+            state[key] = state[key] * 0.0
+    return state
 
 
 def save_npy_embeddings(path, num_classes: int, dim: int = 512, seed: int = 0) -> str:

@@ -10,6 +10,7 @@ import json
 import os
 from typing import Dict, List
 
+
 def _file_name(image: Dict, image_root: str) -> str:
     if "file_name" in image:
         return os.path.join(image_root, image["file_name"])
