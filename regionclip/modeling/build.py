@@ -9,7 +9,8 @@ from .box_predictor import InferenceSettings, LossSettings, TextEmbeddingPredict
 from .clip_resnet import CLIPResNet
 from .clip_variants import CLIPVariant
 from .detector import CLIPFastRCNN
-from .detic.build import build_custom_rcnn
+from .detic.build import build_custom_rcnn, check_weak_supervision, weak_supervision
+from .detic.clip_weak import WeaklySupervisedCLIPFastRCNN
 from .mask_head import MaskHead
 from .offline_rpn import build_offline_rpn, offline_rpn_cfg
 from .pretrainer import LOSS_NAMES, REGION_LOSSES, PretrainFastRCNN
@@ -123,8 +124,13 @@ def build_clip_fast_rcnn(cfg) -> CLIPFastRCNN:
         offline = dict(offline_backbone=backbone, offline_proposal_generator=generator,
                        offline_input=offline_input)
     mean, std = _pixel_stats(cfg)
-    lang_encoder: Optional[TextEncoder] = TextEncoder(variant) if clip.GET_CONCEPT_EMB else None
-    model = CLIPFastRCNN(
+    with_text = clip.GET_CONCEPT_EMB or cfg.MODEL.WITH_CAPTION
+    lang_encoder: Optional[TextEncoder] = TextEncoder(variant) if with_text else None
+    weak = {}
+    if cfg.WITH_IMAGE_LABELS:  # Detic's image-label / caption losses too (detic/clip_weak.py)
+        check_weak_supervision(cfg)
+        weak = dict(weak=weak_supervision(cfg))
+    model = (WeaklySupervisedCLIPFastRCNN if weak else CLIPFastRCNN)(
         backbone=CLIPResNet(variant, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT),
         roi_heads=build_region_head(cfg, variant),
         pixel_mean=mean,
@@ -132,6 +138,7 @@ def build_clip_fast_rcnn(cfg) -> CLIPFastRCNN:
         proposal_source=clip.CROP_REGION_TYPE,
         lang_encoder=lang_encoder,
         **offline,
+        **weak,
     )
     logger.info("Built CLIPFastRCNN with CLIP %s, %s proposals", variant.name,
                 clip.CROP_REGION_TYPE)

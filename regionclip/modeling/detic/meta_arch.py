@@ -20,21 +20,9 @@ from ...structures import ImageList
 from ..detector import postprocess
 from ..rpn import RPN
 from ..rpn_training import RPNTraining, batch_rpn_losses
-from ..text_encoder import TextEncoder, tokenize
+from ..text_encoder import TextEncoder
 from .roi_heads import DeticRes5ROIHeads
-from .weak_losses import CaptionBatch, batch_ann_type, caption_batch
-
-
-def random_captions(batched_inputs: Sequence[Dict]) -> List[str]:
-    """One of each input's ``captions``, drawn uniformly (torch's generator, as Detic)."""
-    chosen = []
-    for x in batched_inputs:
-        captions = x.get("captions") or []
-        if not captions:
-            raise ValueError(f"caption supervision needs 'captions' in every input; "
-                             f"{x.get('file_name', 'an input')} has none")
-        chosen.append(captions[int(torch.randint(len(captions), ()))])
-    return chosen
+from .weak_losses import batch_ann_type, encode_captions
 
 
 class CustomRCNN(nn.Module):
@@ -112,7 +100,8 @@ class CustomRCNN(nn.Module):
         ann_type = batch_ann_type(batched_inputs) if self.with_image_labels else "box"
         images = self.preprocess_image(batched_inputs)
         features = self.extract_features(images)
-        captions = self.caption_batch(batched_inputs, ann_type)
+        captions = encode_captions(self.text_encoder, batched_inputs, ann_type,
+                                   self.roi_heads.weak, self.device)
         outputs = self.proposal_generator.head_outputs(features)
         with torch.no_grad():
             proposals = self.proposal_generator.predict_proposals(*outputs, images.image_sizes)
@@ -132,19 +121,3 @@ class CustomRCNN(nn.Module):
             losses["image_loss"] = losses["loss_cls"] * 0.0
         return losses
 
-    def caption_batch(self, batched_inputs: Sequence[Dict], ann_type: str
-                      ) -> Optional[CaptionBatch]:
-        """Embeddings of one random caption per image (caption batches), gathered across
-        processes when the captions are synchronised (then on every batch)."""
-        if self.text_encoder is None:
-            if "caption" in ann_type:
-                raise ValueError(f"ann_type {ann_type!r} needs the text tower: set "
-                                 "MODEL.WITH_CAPTION True")
-            return None
-        features = None
-        if "caption" in ann_type:
-            tokens = tokenize(random_captions(batched_inputs), self.text_encoder.context_length)
-            with torch.no_grad():
-                features = self.text_encoder.encode_text(tokens.to(self.device)).float()
-        return caption_batch(features, len(batched_inputs), self.text_encoder.output_dim,
-                             self.roi_heads.weak, self.device)

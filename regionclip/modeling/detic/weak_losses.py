@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ...structures import Boxes, Instances
 from ..pretrain_losses import gather_rows
+from ..text_encoder import TextEncoder, tokenize
 
 ANN_TYPES = ("box", "image", "caption", "captiontag")
 IMAGE_LABEL_LOSSES = ("max_size", "max_score", "first", "image")
@@ -169,6 +170,38 @@ def weak_losses(logits: torch.Tensor, regions: List[Instances], labels: Sequence
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def random_captions(batched_inputs: Sequence[Dict]) -> List[str]:
+    """One of each input's ``captions``, drawn uniformly (torch's generator, as Detic)."""
+    chosen = []
+    for x in batched_inputs:
+        captions = x.get("captions") or []
+        if not captions:
+            raise ValueError(f"caption supervision needs 'captions' in every input; "
+                             f"{x.get('file_name', 'an input')} has none")
+        chosen.append(captions[int(torch.randint(len(captions), ()))])
+    return chosen
+
+
+@torch.no_grad()
+def encode_captions(text_encoder: Optional[TextEncoder], batched_inputs: Sequence[Dict],
+                    ann_type: str, settings: WeakSupervision, device=None
+                    ) -> Optional[CaptionBatch]:
+    """The caption classifier of a batch: embeddings of one random caption per image (caption
+    batches), gathered across processes when the captions are synchronised (then on every
+    batch, see `caption_batch`). None without a text tower or captions."""
+    if text_encoder is None:
+        if "caption" in ann_type:
+            raise ValueError(f"ann_type {ann_type!r} needs the text tower: set "
+                             "MODEL.WITH_CAPTION True")
+        return None
+    features = None
+    if "caption" in ann_type:
+        tokens = tokenize(random_captions(batched_inputs), text_encoder.context_length)
+        features = text_encoder.encode_text(tokens.to(device)).float()
+    return caption_batch(features, len(batched_inputs), text_encoder.output_dim, settings,
+                         device)
 
 
 @torch.no_grad()
