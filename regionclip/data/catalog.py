@@ -25,7 +25,6 @@ import os
 from dataclasses import dataclass
 
 from regionclip.data import coco_ovd
-from regionclip.data.image_labels import load_image_label_json
 from regionclip.data.coco import (
     LVIS_RARE,
     load_coco_json,
@@ -34,6 +33,7 @@ from regionclip.data.coco import (
     lvis_base_categories,
     read_categories,
 )
+from regionclip.data.image_labels import load_image_label_json
 
 DATASETS_ENV = "DETECTRON2_DATASETS"
 DEFAULT_ROOT = "datasets"
