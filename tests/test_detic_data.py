@@ -1,11 +1,13 @@
 """Detic's data: image-label jsons, its dataset names, and mixed box / image-labelled training
 (draw shares, per-dataset batches and sizes, exact restart)."""
+import json
 from collections import Counter
 from itertools import islice
 
 import numpy as np
 import pytest
 from _detic_utils import TINY_DETIC, image_label_json, tiny_detic_data, write_json
+from _tool_utils import load_tool
 
 from regionclip.config import load_config
 from regionclip.data.catalog import get_dataset_dicts, get_metadata
@@ -130,3 +132,38 @@ def test_label_json_helper_matches_the_detection_boxes(data, tmp_path):
     records = get_dataset_dicts(f"image_labels:{path}:{tmp_path}", check_files=False)
     assert all(len(r["captions"]) == 1 for r in records)
     assert np.mean([len(r["pos_category_ids"]) for r in records]) > 1
+
+
+def test_prepare_detic_coco_writes_detics_files(tmp_path, monkeypatch):
+    """Base boxes for training, 65 classes for testing, all 80-style categories everywhere,
+    class counts with 0 for novel classes, image labels from captions."""
+    cats = [{"id": 1, "name": "person"}, {"id": 10, "name": "traffic light"},
+            {"id": 18, "name": "dog"}]
+    images = [{"id": i, "file_name": f"{i}.png", "height": 4, "width": 4} for i in (1, 2, 3)]
+    boxes = [{"id": k + 1, "image_id": i, "category_id": c, "bbox": [0, 0, 2, 2], "area": 4,
+              "iscrowd": 0} for k, (i, c) in enumerate([(1, 1), (1, 18), (2, 10), (3, 18)])]
+    instances = {"images": images, "annotations": boxes, "categories": cats}
+    captions = {"images": images, "annotations": [
+        {"id": 1, "image_id": 1, "caption": "A person walks a Dog."},
+        {"id": 2, "image_id": 1, "caption": "dog and man"},
+        {"id": 3, "image_id": 2, "caption": "a red traffic light"},
+        {"id": 4, "image_id": 3, "caption": "doggy style hotdogs"}]}
+    coco = tmp_path / "coco"
+    for name, content in (("instances_train2017", instances), ("instances_val2017", instances),
+                          ("captions_train2017", captions)):
+        write_json(coco / "annotations" / f"{name}.json", content)
+    load_tool("prepare_detic_coco").main(["--coco-root", str(coco)])
+    read = lambda p: json.loads((coco / p).read_text())  # noqa: E731
+    train = read("zero-shot/instances_train2017_seen_2_oriorder.json")
+    assert train["categories"] == cats and [a["category_id"] for a in train["annotations"]] == [1]
+    val = read("zero-shot/instances_val2017_all_2_oriorder.json")
+    assert sorted(a["category_id"] for a in val["annotations"]) == [1, 18, 18]
+    counts = read("zero-shot/instances_train2017_seen_2_oriorder_cat_info.json")
+    assert [c["image_count"] for c in counts] == [1, 0, 0]
+    tags = read("annotations/captions_train2017_tags_allcaps.json")
+    assert [(i["id"], i["pos_category_ids"]) for i in tags["images"]] == [(1, [1, 18]),
+                                                                           (2, [10])]
+    assert tags["images"][0]["captions"] == ["A person walks a Dog.", "dog and man"]
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    records = get_dataset_dicts("coco_caption_train_tags", check_files=False)
+    assert [r["pos_category_ids"] for r in records] == [[0, 2], [1]]

@@ -4,11 +4,13 @@ The json is LVIS-style (``{"images", "categories", "annotations": []}``); each i
 ``id``, ``file_name`` (or ``coco_url``), ``height``, ``width``, ``pos_category_ids`` (category
 ids of the classes it shows, e.g. the class names found in its captions) and optionally
 ``captions`` (a list of strings). Records carry ``pos_category_ids`` as contiguous ids (the
-categories sorted by id, as every loader here), ``captions`` and no annotations.
+categories sorted by id, as every loader here), ``captions`` and no annotations. Also here:
+Detic's preparation of OV-COCO (class image counts, image labels from COCO captions).
 """
 import json
 import os
-from typing import Dict, List
+from collections import Counter, defaultdict
+from typing import Dict, List, Optional
 
 
 def _file_name(image: Dict, image_root: str) -> str:
@@ -40,3 +42,45 @@ def load_image_label_json(json_file: str, image_root: str) -> List[Dict]:
             "annotations": [],
         })
     return records
+
+
+def class_image_counts(instances: Dict) -> List[Dict]:
+    """Detic's ``*_cat_info.json`` of a COCO instances dict: its categories, each with
+    ``image_count`` (images holding the class) and ``instance_count``."""
+    images, boxes = defaultdict(set), Counter()
+    for ann in instances["annotations"]:
+        images[ann["category_id"]].add(ann["image_id"])
+        boxes[ann["category_id"]] += 1
+    return [{**cat, "image_count": len(images[cat["id"]]), "instance_count": boxes[cat["id"]]}
+            for cat in instances["categories"]]
+
+
+def _phrase(name: str) -> str:
+    """A class name as it appears in text: lower case, ``_`` as space, no parenthesised part."""
+    return name.replace("_", " ").split("(")[0].strip().lower()
+
+
+def mentions(text: str, phrase: str) -> bool:
+    """Whether ``phrase`` occurs in ``text`` as whole words (Detic's caption matching)."""
+    return f" {phrase} " in text or text.startswith(f"{phrase} ") or text.endswith(f" {phrase}")
+
+
+def caption_image_labels(captions: Dict, categories: List[Dict],
+                         synonyms: Optional[Dict[str, List[str]]] = None) -> Dict:
+    """An image-label dict from a COCO captions dict: each image with all its ``captions`` and
+    as ``pos_category_ids`` the classes whose name (or a synonym) its joined, lower-cased
+    captions mention; images without any are dropped. ``synonyms``: class name -> phrases."""
+    synonyms = synonyms or {}
+    phrases = {cat["id"]: [_phrase(n) for n in [cat["name"], *synonyms.get(cat["name"], [])]]
+               for cat in categories}
+    per_image = defaultdict(list)
+    for ann in captions["annotations"]:
+        per_image[ann["image_id"]].append(ann["caption"])
+    images = []
+    for image in captions["images"]:
+        texts = per_image[image["id"]]
+        text = " ".join(texts).lower()
+        labels = [c for c, names in phrases.items() if any(mentions(text, n) for n in names)]
+        if labels:
+            images.append({**image, "captions": texts, "pos_category_ids": labels})
+    return {"images": images, "categories": categories, "annotations": []}
