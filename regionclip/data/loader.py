@@ -246,8 +246,9 @@ def build_multi_dataset_loader(cfg) -> TrainingLoader:
     ``DATASETS.TRAIN``, with that dataset's batch size, image sizes and supervision. Only box
     datasets drop images without annotations (``FILTER_EMPTY_ANNOTATIONS``)."""
     names = cfg.DATASETS.TRAIN
-    settings = multi_dataset_settings(cfg, per_process_batch(cfg.SOLVER.IMS_PER_BATCH,
-                                                             get_world_size()))
+    batch = 0 if cfg.DATALOADER.USE_DIFF_BS_SIZE else per_process_batch(
+        cfg.SOLVER.IMS_PER_BATCH, get_world_size())
+    settings = multi_dataset_settings(cfg, batch)
     check_same_classes(names)
     filter_box = cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
     records = [dict(record, dataset_source=source)
