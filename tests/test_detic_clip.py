@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from _detic_utils import tiny_detic_data
 from _e2e_utils import TINY_CONFIG, save_embedding_file, tiny_checkpoint
-from _rpn_utils import TINY_C4
+from _rpn_utils import CONFIGS, TINY_C4
 from _tool_utils import run_train_net
 
 from regionclip.checkpoint import read_checkpoint
@@ -116,3 +116,14 @@ def test_mixed_fine_tuning_through_train_net_resumes_exactly(tmp_path):
                            initial["backbone.attnpool.c_proj.weight"])
     assert torch.equal(theirs["model"]["lang_encoder.text_projection"],
                        initial["lang_encoder.text_projection"])
+
+
+def test_the_regionclip_weak_config_builds_the_weakly_supervised_detector():
+    cfg = load_config(CONFIGS / "COCO-InstanceSegmentation" /
+                      "CLIP_fast_rcnn_R_50_C4_ovd_detic-weak.yaml",
+                      ["MODEL.CLIP.VARIANT", "tiny", "MODEL.DEVICE", "cpu",
+                       "MODEL.CLIP.OFFLINE_RPN_CONFIG", str(TINY_C4)])
+    model = build_model(cfg)
+    assert isinstance(model, WeaklySupervisedCLIPFastRCNN) and model.lang_encoder is not None
+    assert model.weak.softmax and model.weak.add_image_box and model.weak.num_proposals == 32
+    assert model.roi_heads.num_train_classes == 80
