@@ -29,7 +29,8 @@ import torch
 from regionclip.config import load_config
 from regionclip.engine.trainer import build_trainer
 from regionclip.modeling.build import build_model
-from regionclip.modeling.text_encoder import save_embeddings, tokenize
+from regionclip.modeling.text_encoder import save_embeddings
+from regionclip.prompts import tokenize
 
 from _common import norms_from_inputs, time_steps
 

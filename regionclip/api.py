@@ -5,26 +5,34 @@
     result = detector("street.jpg")              # .boxes [N, 4] xyxy, .scores, .labels
     regions = detector.embed_regions("street.jpg", [[10, 20, 200, 180]])   # [1, D], unit norm
     similarity = regions @ detector.embed_text(["red car", "bicycle"]).T   # [1, 2]
+
+Images go through the test-time mapper of the data pipeline and the detector's own
+``inference`` / ``embed_regions``: the API adds only input checks and the vocabulary.
 """
-import contextlib
-import dataclasses
+import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .checkpoint import CheckpointMismatchError
-from .data.transforms import ResizeShortestEdge
-from .image_input import ImageInput, is_single_image, map_boxes, to_rgb_array
-from .modeling.clip_variants import get_variant
+from .config.variants import get_variant
+from .data.coco import check_class_names
+from .data.image_io import read_image
+from .data.mapper import InferenceMapper, build_inference_mapper
+from .data.transforms import transform_boxes_xyxy
+from .engine.weights import load_model, resolve_spec, spec_config
 from .modeling.text_encoder import load_embeddings
-from .pretrained import load_model, resolve_spec, spec_config
 from .structures import Boxes, Instances
-from .text_cache import ClassNameEncoder, check_class_names
+from .vocabulary import ClassNameEncoder
 
 __all__ = ["Detections", "Detector"]
+
+ImageInput = Union[str, os.PathLike, np.ndarray, Image.Image]
+_ACCEPTED = "a file path, an HxWx3 uint8 RGB numpy array or a PIL image"
 
 
 @dataclass
@@ -55,15 +63,13 @@ class Detector:
     """A RegionCLIP detector with a vocabulary set by name.
 
     Build it with :meth:`from_pretrained`; the constructor takes an already loaded
-    ``CLIPFastRCNN`` with its test-time resize and an optional class-name encoder.
+    ``CLIPFastRCNN``, its test-time mapper and an optional class-name encoder.
     """
 
-    def __init__(self, model: torch.nn.Module, resize: ResizeShortestEdge,
-                 image_format: str = "RGB", text_encoder: Optional[ClassNameEncoder] = None,
-                 variant: str = ""):
+    def __init__(self, model: torch.nn.Module, mapper: InferenceMapper,
+                 text_encoder: Optional[ClassNameEncoder] = None, variant: str = ""):
         self.model = model.eval()
-        self.resize = resize
-        self.image_format = image_format
+        self.mapper = mapper
         self.text_encoder = text_encoder
         self.variant = variant
         self.embed_dim = model.roi_heads.box_predictor.cls_score.weight.shape[1]
@@ -104,8 +110,7 @@ class Detector:
         if spec.text_weights:
             encoder = ClassNameEncoder(spec.text_weights, get_variant(spec.variant),
                                        str(model.device), cache_dir)
-        resize = ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
-        return cls(model, resize, cfg.INPUT.FORMAT, encoder, spec.variant)
+        return cls(model, build_inference_mapper(cfg), encoder, spec.variant)
 
     @property
     def device(self) -> torch.device:
@@ -154,24 +159,6 @@ class Detector:
                 f"the text tower of {self.text_encoder.weights} does not match this "
                 f"{self.variant} detector (embedding width {self.embed_dim}): {err}") from err
 
-    def _prepare(self, image: ImageInput) -> Tuple[dict, object]:
-        """Model input dict of one image (as the test-time mapper) and its resize transform."""
-        array = to_rgb_array(image)
-        if self.image_format == "BGR":
-            array = array[:, :, ::-1]
-        height, width = array.shape[:2]
-        transform = self.resize.get_transform(height, width)
-        chw = np.ascontiguousarray(transform.apply_image(array).transpose(2, 0, 1))
-        tensor = torch.as_tensor(chw, dtype=torch.float32)
-        return {"image": tensor, "height": height, "width": width}, transform
-
-    def _given_regions(self, inputs: dict, transform, boxes) -> Instances:
-        size = tuple(inputs["image"].shape[-2:])
-        resized = map_boxes(boxes, transform, size, (inputs["height"], inputs["width"]))
-        boxes = torch.as_tensor(resized, dtype=torch.float32, device=self.device)
-        return Instances(size, proposal_boxes=Boxes(boxes),
-                         objectness_logits=torch.ones(len(boxes), device=self.device))
-
     @torch.no_grad()
     def __call__(self, images, boxes=None, return_embeddings: bool = False,
                  batch_size: int = 1):
@@ -186,7 +173,7 @@ class Detector:
         """
         if self._vocabulary is None:
             raise RuntimeError("no vocabulary: call set_vocabulary(['class name', ...]) first")
-        single = is_single_image(images)
+        single = not isinstance(images, (list, tuple))
         images = [images] if single else list(images)
         regions = self._region_lists(boxes, single, len(images))
         results = []
@@ -206,53 +193,92 @@ class Detector:
             raise ValueError(f"got {len(regions)} box lists for {count} images")
         return regions
 
+    def _prepare(self, image: ImageInput, boxes=None) -> Tuple[dict, Optional[torch.Tensor]]:
+        """Model input of one image (the test-time mapper's) and ``boxes`` in its pixels."""
+        array = _rgb_array(image)
+        if self.mapper.image_format == "BGR":
+            array = array[:, :, ::-1]
+        inputs, transform = self.mapper.map_image(array)
+        if boxes is None:
+            return inputs, None
+        original = (inputs["height"], inputs["width"])
+        resized = _map_boxes(boxes, transform, tuple(inputs["image"].shape[-2:]), original)
+        return inputs, torch.as_tensor(resized, dtype=torch.float32)
+
     def _detect(self, images: list, regions: list, with_embeddings: bool) -> List[Detections]:
-        prepared = [self._prepare(image) for image in images]
-        inputs = [p[0] for p in prepared]
-        given = regions[0] is not None
-        with self._region_settings(given):
-            proposals = ([self._given_regions(x, t, b) for (x, t), b in zip(prepared, regions)]
-                         if given else self.model.get_proposals(inputs))
-            results = self.model.inference(inputs, proposals, keep_embeddings=with_embeddings)
-        output = []
-        for result in results:
-            instances = result["instances"]
-            embeddings = (F.normalize(instances.region_embeddings, dim=1)
-                          if with_embeddings else None)
-            output.append(self._detections(instances, embeddings))
-        return output
+        prepared = [self._prepare(image, boxes) for image, boxes in zip(images, regions)]
+        inputs = [x for x, _ in prepared]
+        given = None if regions[0] is None else [b for _, b in prepared]
+        results = self.model.inference(inputs, given, keep_embeddings=with_embeddings)
+        return [self._detections(r["instances"], with_embeddings) for r in results]
 
-    @contextlib.contextmanager
-    def _region_settings(self, given: bool):
-        """Given regions are scored as ground-truth boxes are: kept, and not fused with an
-        objectness they do not have."""
-        heads = self.model.roi_heads
-        saved = heads.inference_settings
-        if given:
-            heads.inference_settings = dataclasses.replace(saved, no_box_delta=True,
-                                                           multiply_rpn_score=False)
-        try:
-            yield
-        finally:
-            heads.inference_settings = saved
-
-    def _detections(self, instances: Instances, embeddings) -> Detections:
+    def _detections(self, instances: Instances, with_embeddings: bool) -> Detections:
         class_ids = instances.pred_classes.cpu()
+        embeddings = (F.normalize(instances.region_embeddings, dim=1).cpu()
+                      if with_embeddings else None)
         masks = instances.pred_masks.cpu() if instances.has("pred_masks") else None
         return Detections(
             boxes=instances.pred_boxes.tensor.cpu(), scores=instances.scores.cpu(),
             class_ids=class_ids, labels=[self._vocabulary[i] for i in class_ids.tolist()],
-            image_size=instances.image_size,
-            embeddings=None if embeddings is None else embeddings.cpu(), masks=masks)
+            image_size=instances.image_size, embeddings=embeddings, masks=masks)
 
     @torch.no_grad()
     def embed_regions(self, image: ImageInput, boxes) -> torch.Tensor:
         """[N, D] unit-norm region embeddings of ``boxes`` ([N, 4] xyxy, original pixels):
         the regional analogue of CLIP's ``encode_image``, comparable with :meth:`embed_text`."""
-        inputs, transform = self._prepare(image)
-        regions = self._given_regions(inputs, transform, boxes)
-        model = self.model
-        res4 = model.backbone(model.preprocess_image([inputs]).tensor)["res4"]
-        embeddings = model.roi_heads.embed(res4, [regions.proposal_boxes.tensor],
-                                           model.backbone.layer4, model.backbone.attnpool)
-        return F.normalize(embeddings, dim=1).cpu()
+        inputs, regions = self._prepare(image, boxes)
+        return F.normalize(self.model.embed_regions([inputs], [regions]), dim=1).cpu()
+
+
+def _rgb_array(image: ImageInput) -> np.ndarray:
+    """uint8 [H, W, 3] RGB. Files are decoded upright (EXIF applied); greyscale arrays
+    ([H, W] or [H, W, 1]) are repeated to 3 channels and RGBA arrays lose their alpha."""
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(image, "RGB")
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"unsupported image type {type(image).__name__}: give {_ACCEPTED}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"image arrays must be uint8 (0-255), got {image.dtype}")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4) or min(image.shape[:2]) == 0:
+        raise ValueError(f"image arrays must be [H, W, 3] RGB (or [H, W] grey, [H, W, 4] "
+                         f"RGBA), got shape {list(image.shape)}")
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+def _box_array(boxes) -> np.ndarray:
+    """[N, 4] float64 xyxy boxes with x1 > x0 and y1 > y0; ValueError naming a bad box."""
+    array = np.asarray(boxes, dtype=np.float64)
+    if array.size == 0:
+        return array.reshape(0, 4)
+    if array.ndim == 1 and array.shape[0] == 4:
+        array = array[None]
+    if array.ndim != 2 or array.shape[1] != 4:
+        raise ValueError(f"boxes must be [N, 4] (x0, y0, x1, y1), got shape {list(array.shape)}")
+    for index, box in enumerate(array):
+        if not np.isfinite(box).all() or box[2] <= box[0] or box[3] <= box[1]:
+            raise ValueError(f"box {index} {box.tolist()} is not a valid x0, y0, x1, y1 box "
+                             "(needs x1 > x0 and y1 > y0)")
+    return array
+
+
+def _map_boxes(boxes, transform, resized_size: Tuple[int, int],
+               original_size: Tuple[int, int]) -> np.ndarray:
+    """Boxes in original pixels -> [N, 4] in the resized input, clipped to the image;
+    ValueError for a box that lies outside the image."""
+    array = _box_array(boxes)
+    height, width = original_size
+    clipped = array.copy()
+    clipped[:, 0::2] = clipped[:, 0::2].clip(0, width)
+    clipped[:, 1::2] = clipped[:, 1::2].clip(0, height)
+    outside = (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
+    if outside.any():
+        index = int(outside.nonzero()[0][0])
+        raise ValueError(f"box {index} {array[index].tolist()} lies outside the "
+                         f"{width}x{height} image")
+    return transform_boxes_xyxy(transform, clipped, resized_size)

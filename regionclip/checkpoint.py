@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from .atomic import atomic_open
-from .modeling.clip_variants import LEGACY_DEPTHS, VARIANTS
+from .config.variants import LEGACY_DEPTHS, VARIANTS
 
 __all__ = ["CheckpointError", "CheckpointMismatchError", "LoadReport", "VOCABULARY_KEYS",
-           "check_architecture", "detect_format", "load_checkpoint", "read_checkpoint",
-           "read_state_dict", "save_checkpoint"]
+           "ZOO_HINT", "check_architecture", "detect_format", "load_checkpoint",
+           "read_checkpoint", "read_state_dict", "save_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ VOCABULARY_KEYS = ("roi_heads.box_predictor.cls_score", "roi_heads.box_predictor
 
 _REGIONCLIP_PARTS = ("backbone", "teacher_backbone", "lang_encoder", "offline_backbone",
                      "offline_proposal_generator", "roi_heads")
+ZOO_HINT = "see MODEL_ZOO.md and pretrained_ckpt/README.md for where to download it"
 _OPENAI_TEXT = ("transformer", "token_embedding", "positional_embedding", "ln_final",
                 "text_projection")
 _OPENAI_DROPPED = {"logit_scale": "CLIP's learnt temperature; RegionCLIP uses a fixed one",
@@ -47,7 +48,6 @@ _TO_OFFLINE = {"backbone": ("offline_backbone",),
                "proposal_generator": ("offline_proposal_generator",)}
 _OFFLINE_IDENTITY = {p: (p,) for p in ("offline_backbone", "offline_proposal_generator")}
 _NOT_RPN = "not part of the offline RPN"
-_ZOO_HINT = "see MODEL_ZOO.md and pretrained_ckpt/README.md for where to download it"
 _BN_COUNTER = "num_batches_tracked"
 
 
@@ -127,7 +127,7 @@ def read_checkpoint(path: str) -> Any:
     """The object stored in ``path``, read without running pickled code (CPU tensors)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}; {_ZOO_HINT}")
+        raise FileNotFoundError(f"checkpoint not found: {path}; {ZOO_HINT}")
     if path.endswith(".pkl"):
         raise CheckpointError(
             f"{path}: detectron2 .pkl checkpoints (pickled numpy dicts) are not supported, "

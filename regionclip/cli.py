@@ -20,11 +20,11 @@ import cv2
 import torch
 
 from .api import Detector
+from .atomic import atomic_open
 from .checkpoint import CheckpointError
+from .data.coco import check_class_names, class_names_from_file
 from .data.image_io import IMAGE_EXTENSIONS, read_image, read_image_size
 from .evaluation.results import instances_to_coco_json, write_json_atomic
-from .modeling.text_encoder import class_names_from_file
-from .text_cache import check_class_names
 from .visualization import draw_predictions, select_predictions
 
 logger = logging.getLogger("regionclip")
@@ -180,25 +180,13 @@ def run_detect(args) -> None:
         logger.info("Drew the detections into %s", args.vis)
 
 
-def _save_atomic(obj: dict, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def run_embed(args) -> None:
     boxes = parse_boxes(args.boxes) if args.boxes is not None else read_boxes_json(args.boxes_json)
     read_image_size(args.image)
     embeddings = load_detector(args).embed_regions(args.image, boxes)
-    _save_atomic({"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                  "embeddings": embeddings, "image": args.image}, args.out)
+    with atomic_open(args.out, "wb") as f:
+        torch.save({"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                    "embeddings": embeddings, "image": args.image}, f)
     logger.info("Wrote %d region embeddings to %s", len(embeddings), args.out)
 
 

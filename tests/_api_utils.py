@@ -16,7 +16,7 @@ from _rpn_utils import TINY_FPN, build_from_file, randomize_
 from PIL import Image
 
 from regionclip.checkpoint import save_checkpoint
-from regionclip.modeling.clip_variants import get_variant
+from regionclip.config.variants import get_variant
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(REPO / "configs" / "tests" / "tiny.yaml")

@@ -16,7 +16,7 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 from torch import nn
 
-from regionclip.modeling.clip_variants import CLIPVariant, get_variant
+from regionclip.config.variants import CLIPVariant, get_variant
 
 Shapes = Dict[str, Tuple[int, ...]]
 

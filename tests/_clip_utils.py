@@ -5,7 +5,7 @@ import open_clip
 import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-from regionclip.modeling.clip_variants import get_variant
+from regionclip.config.variants import get_variant
 
 
 @functools.lru_cache(maxsize=None)

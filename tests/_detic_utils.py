@@ -16,7 +16,7 @@ from _checkpoint_utils import Shapes, prefixed, text_shapes
 from _data_utils import make_coco_dataset
 from _e2e_utils import sane_state_dict
 
-from regionclip.modeling.clip_variants import get_variant
+from regionclip.config.variants import get_variant
 
 REPO = Path(__file__).resolve().parents[1]
 DETIC_CONFIGS = REPO / "configs" / "Detic"

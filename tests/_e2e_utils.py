@@ -21,7 +21,7 @@ from PIL import Image
 
 from regionclip.data import coco_ovd
 from regionclip.modeling.clip_resnet import CLIPResNet
-from regionclip.modeling.clip_variants import get_variant
+from regionclip.config.variants import get_variant
 from regionclip.modeling.text_encoder import TextEncoder
 
 REPO = Path(__file__).resolve().parents[1]

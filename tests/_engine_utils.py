@@ -99,7 +99,7 @@ def read_json_lines(path):
 
 def train_and_record(output_dir, world_batch, result_file):
     """Worker of the distributed test: train the toy model, write losses and weights."""
-    from regionclip.engine.launch import get_rank, get_world_size
+    from regionclip.distributed import get_rank, get_world_size
 
     torch.set_num_threads(1)
     trainer = make_trainer(output_dir, max_iter=6, batch_size=world_batch // get_world_size())
@@ -132,7 +132,7 @@ def evaluate_sharded(json_path, image_dir, result_file):
     """Worker of the distributed test: sharded inference, gathered evaluation."""
     from regionclip.data.loader import build_test_loader
     from regionclip.data.mapper import InferenceMapper
-    from regionclip.engine.launch import get_rank
+    from regionclip.distributed import get_rank
     from regionclip.evaluation import COCOEvaluator
     from regionclip.evaluation.inference import inference_on_dataset
 

@@ -1,7 +1,6 @@
 """Load and run the scripts of tools/ in the test process (tools/ is not a package)."""
 import functools
 import importlib.util
-import sys
 from pathlib import Path
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
@@ -9,9 +8,7 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 @functools.lru_cache(maxsize=None)
 def load_tool(name: str):
-    """The module of ``tools/<name>.py`` (tools import their siblings by name)."""
-    if str(TOOLS) not in sys.path:
-        sys.path.insert(0, str(TOOLS))
+    """The module of ``tools/<name>.py``."""
     spec = importlib.util.spec_from_file_location(f"_tool_{name}", TOOLS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -171,7 +171,7 @@ def build_rpn():
     cfg = load_config(rpn_config_file())
     model = build_model(cfg)
     train_split, _ = shapes_dataset()
-    batch = model.preprocess_image(train_split.inputs("BGR")[:16]).tensor
+    batch = model.preprocess(train_split.inputs("BGR")[:16]).tensor
     calibrated_random_init_(model.backbone, model.backbone, batch)
     return model, cfg
 

@@ -1,4 +1,4 @@
-"""The Python API (regionclip.api.Detector) and the checkpoint records (regionclip.weights)."""
+"""The Python API (regionclip.api.Detector) and the checkpoint records (regionclip.model_zoo)."""
 import json
 import subprocess
 import sys
@@ -14,11 +14,11 @@ from PIL import Image
 
 from regionclip.checkpoint import CheckpointMismatchError, save_checkpoint
 from regionclip.evaluation.results import instances_to_coco_json
-from regionclip.modeling.clip_variants import get_variant
+from regionclip.config.variants import get_variant
 from regionclip.modeling.text_encoder import save_embeddings
-from regionclip.pretrained import resolve_spec
-from regionclip.vocabulary import embed_class_names
-from regionclip.weights import DETECTOR_WEIGHTS, RPN_WEIGHTS, config_path, inspect_checkpoint
+from regionclip.vocabulary import ClassNameEncoder
+from regionclip.engine.weights import resolve_spec
+from regionclip.model_zoo import DETECTOR_WEIGHTS, RPN_WEIGHTS, config_path, inspect_checkpoint
 
 FUSED = ["MODEL.CLIP.MULTIPLY_RPN_SCORE", "True"]  # exercise the original's score fusion too
 KEEP_ALL = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]  # the random tiny CLIP is unsure
@@ -76,7 +76,7 @@ def test_detections_equal_train_net_eval_only(files, tmp_path, regions):
     extra = ["MODEL.CLIP.CROP_REGION_TYPE", "RPN", "MODEL.CLIP.OFFLINE_RPN_CONFIG",
              TINY_RPN_CONFIG] if rpn else []
     emb_path = str(tmp_path / "emb.pth")
-    save_embeddings(embed_class_names(CLASSES, files["pretrained"], TINY), emb_path)
+    save_embeddings(ClassNameEncoder(files["pretrained"], TINY, cache_dir="")(CLASSES), emb_path)
     expected = _train_net_results(tmp_path, weights, emb_path, (json_path, image_dir),
                                   extra + overrides)
 

@@ -36,7 +36,7 @@ from regionclip.checkpoint import (
     save_checkpoint,
 )
 from regionclip.modeling.clip_resnet import CLIPResNet
-from regionclip.modeling.clip_variants import get_variant
+from regionclip.config.variants import get_variant
 from regionclip.modeling.text_encoder import TextEncoder
 
 # Loading into a meta-device target checks names and shapes without allocating; torch warns

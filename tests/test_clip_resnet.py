@@ -3,7 +3,7 @@ import torch
 from _clip_utils import official_backbone_shapes, openclip_reference, visual_state_dict
 
 from regionclip.modeling.clip_resnet import CLIPResNet, convert_frozen_batchnorm
-from regionclip.modeling.clip_variants import get_variant
+from regionclip.config.variants import get_variant
 from regionclip.ops import FrozenBatchNorm2d
 
 STEM = ("conv1", "conv2", "conv3")

@@ -13,7 +13,7 @@ from _rpn_utils import TINY_FPN, randomize_
 
 from regionclip.config import load_config
 from regionclip.modeling.build import build_model
-from regionclip.modeling.clip_variants import get_variant
+from regionclip.config.variants import get_variant
 from regionclip.modeling.detector import postprocess
 from regionclip.modeling.mask_head import paste_masks
 from regionclip.modeling.text_encoder import save_embeddings
@@ -223,14 +223,15 @@ def test_rpn_proposals_give_boxes_inside_the_original_image(tmp_path):
 
 
 @torch.no_grad()
-def test_rpn_score_fusion_drops_negative_logits_and_may_exceed_one(tmp_path):
+def test_rpn_score_fusion_drops_negative_logits_and_may_exceed_one(tmp_path, monkeypatch):
     model = _rpn_model(tmp_path, "MODEL.CLIP.MULTIPLY_RPN_SCORE", "True",
                        "MODEL.CLIP.NO_BOX_DELTA", "True")
     image = _image(64, 96, seed=0)
     proposals = model.get_proposals([{"image": image}])
     logits = torch.where(torch.arange(len(proposals[0])) % 2 == 0, 50.0, -1.0)
     proposals[0].objectness_logits = logits
-    out = model.inference([{"image": image}], proposals)[0]["instances"]
+    monkeypatch.setattr(model, "get_proposals", lambda batched_inputs: proposals)
+    out = model.inference([{"image": image}])[0]["instances"]
     assert len(out) > 0
     assert (logits[out.proposal_index] > 0).all()
     assert (out.scores > 1).any()
@@ -278,7 +279,7 @@ def test_detector_returns_pasted_masks(tmp_path):
     assert out.pred_masks.shape == (len(out), 96, 144) and out.pred_masks.dtype == torch.bool
     # The mask head on res5 of the detected boxes, pasted into the 1.5x original image.
     trunk = model.backbone
-    res4 = trunk(model.preprocess_image([{"image": image}]).tensor)["res4"]
+    res4 = trunk(model.preprocess([{"image": image}]).tensor)["res4"]
     detected = boxes[out.proposal_index]
     crops = roi_align(res4, [detected], TINY.pooler_resolution, 1 / 16, 0, True)
     probs = model.roi_heads.mask_head(trunk.layer4(crops)).sigmoid()

@@ -57,7 +57,7 @@ def _box_masks(boxes):
 
 def _calibrated(model, inputs):
     """Random trunk with live residual branches (see `calibrated_random_init_`)."""
-    crops = model.preprocess_image(inputs).tensor[..., :64, :64]
+    crops = model.preprocess(inputs).tensor[..., :64, :64]
     calibrated_random_init_(model.backbone, model.backbone.encode_image, crops)
     return model
 

@@ -13,13 +13,13 @@ from _detic_utils import (
     detic_shapes,
     save_npy_embeddings,
 )
-from _tool_utils import load_tool
 
 from regionclip.checkpoint import detect_format, load_checkpoint
 from regionclip.config import load_config
-from regionclip.engine.cli import auto_output_dir
+from regionclip.config.variants import get_variant
+from regionclip.engine.defaults import auto_output_dir
+from regionclip.engine.weights import load_weights
 from regionclip.modeling.build import build_model
-from regionclip.modeling.clip_variants import get_variant
 from regionclip.modeling.detic.build import test_classifier as detic_test_classifier
 from regionclip.modeling.detic.zero_shot_classifier import (
     ZeroShotClassifier,
@@ -95,7 +95,7 @@ def test_openai_clip_file_gives_the_caption_model_its_text_tower_only(tmp_path):
     cfg = load_config(TINY_DETIC, ["MODEL.WITH_CAPTION", "True", "MODEL.CAPTION_TEXT_WEIGHTS",
                                    str(path), "MODEL.ROI_BOX_HEAD.IGNORE_ZERO_CATS", "False"])
     model = build_model(cfg)
-    load_tool("train_net").load_weights(cfg, model)
+    load_weights(cfg, model)
     for key, value in text_shapes(get_variant("tiny")).items():
         assert torch.equal(model.state_dict()[f"text_encoder.{key}"], state[key]), key
     report = load_checkpoint(model, path, skip_prefixes=["backbone", "proposal_generator",
@@ -111,7 +111,7 @@ def test_a_class_embedding_file_wins_over_the_checkpoints_classifier(tmp_path):
     cfg = load_config(TINY_DETIC, ["MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH", npy,
                                    "MODEL.WEIGHTS", str(path)])
     model = build_model(cfg)
-    load_tool("train_net").load_weights(cfg, model)
+    load_weights(cfg, model)
     weight = model.roi_heads.box_predictor.cls_score.zs_weight
     expected = torch.from_numpy(np.load(npy).astype(np.float32)).t()
     assert torch.allclose(weight[:, :3], expected / expected.norm(dim=0), atol=1e-6)

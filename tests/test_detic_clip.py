@@ -14,7 +14,7 @@ from regionclip.config import load_config
 from regionclip.modeling.build import build_model
 from regionclip.modeling.detic.clip_weak import WeaklySupervisedCLIPFastRCNN
 from regionclip.modeling.detic.weak_losses import CaptionBatch, top_proposals, weak_losses
-from regionclip.modeling.text_encoder import tokenize
+from regionclip.prompts import tokenize
 from regionclip.structures import Boxes, Instances
 
 SIZE = (64, 96)
@@ -51,15 +51,15 @@ def test_image_loss_is_detics_loss_of_the_top_proposals_and_image_box(model):
     with torch.no_grad():
         text = model.lang_encoder.encode_text(tokenize(captions))
         regions = top_proposals(model.get_proposals(batch), model.weak)
-        res4 = model.backbone(model.preprocess_image(batch).tensor)["res4"]
-        emb = model.roi_heads.embed(res4, [r.proposal_boxes.tensor for r in regions],
-                                    model.backbone.layer4, model.backbone.attnpool)
+        emb = model.embed_regions(batch, [r.proposal_boxes.tensor for r in regions])
         logits, _ = model.roi_heads.box_predictor(emb)
         caption_logits = F.normalize(emb, dim=1) @ F.normalize(text, dim=1).t() / 0.01
     expected = weak_losses(torch.cat([logits, caption_logits], 1), regions, [[0, 2], [0, 2]],
                            CaptionBatch(text, 0), "captiontag", model.weak)
     assert losses["image_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
-    assert [len(r) for r in regions] == [6, 6]  # 5 proposals + the image box
+    for region in regions:  # up to 5 proposals + the image box
+        assert 2 <= len(region) <= 6
+        assert region.proposal_boxes.tensor[-1].tolist() == [0, 0, SIZE[1], SIZE[0]]
 
 
 def test_weak_batches_train_the_trunk_not_the_text_tower(model):

@@ -12,7 +12,7 @@ import torch
 from _data_utils import make_coco_dataset
 from _engine_utils import distributed_checks
 
-from regionclip.engine.launch import launch
+from regionclip.distributed import launch
 
 TESTS = Path(__file__).resolve().parent
 
@@ -61,7 +61,7 @@ def test_torchrun_follows_the_single_process_trajectory(tmp_path, runs):
         "import sys\n"
         f"sys.path.insert(0, {str(TESTS)!r})\n"
         "from _engine_utils import distributed_checks\n"
-        "from regionclip.engine.launch import launch\n"
+        "from regionclip.distributed import launch\n"
         f"launch(distributed_checks, args=({str(tmp_path)!r}, *{runs['data']!r}))\n"
     )
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",

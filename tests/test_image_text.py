@@ -28,17 +28,18 @@ from regionclip.config import ConfigError, get_cfg
 from regionclip.data.image_text import (
     ImageTextDataset,
     ImageTextTransform,
-    build_image_text_dataset,
-    build_image_text_loader,
     choose_captions,
     collate_image_text,
 )
+from regionclip.data.image_text_loader import build_image_text_dataset, build_image_text_loader
 from regionclip.data.image_text_sources import (
     JsonlSource,
-    TSVPairSource,
     WebDatasetSource,
     expand_braces,
     expand_shards,
+)
+from regionclip.data.image_text_tsv import (
+    TSVPairSource,
     find_tsv_pairs,
     lineidx_path,
     parse_text_field,

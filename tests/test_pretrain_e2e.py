@@ -28,10 +28,11 @@ from _rpn_utils import build_from_file
 
 from regionclip.checkpoint import read_checkpoint
 from regionclip.config import load_config
-from regionclip.data.image_text import build_image_text_dataset, build_image_text_loader
-from regionclip.engine.launch import launch
+from regionclip.data.image_text_loader import build_image_text_dataset, build_image_text_loader
+from regionclip.distributed import launch
+from regionclip.engine.weights import load_weights
 from regionclip.modeling.build import build_model
-from regionclip.modeling.pretrainer import LOSS_KEYS, embed_regions
+from regionclip.modeling.pretrainer import LOSS_KEYS
 from regionclip.modeling.text_encoder import save_embeddings
 from regionclip.structures import ImageList
 from _tool_utils import load_tool, run_train_net
@@ -111,7 +112,7 @@ def initial_model(files):
     """The pretraining model as train_net builds and initialises it."""
     cfg = load_config(str(PRETRAIN_CONFIG), pretrain_overrides(files))
     model = build_model(cfg)
-    load_tool("train_net").load_weights(cfg, model)
+    load_weights(cfg, model)
     return cfg, model.train()
 
 
@@ -125,8 +126,8 @@ def teacher_region_concepts(files) -> torch.Tensor:
     batch = ImageList.from_tensors([(x - model.pixel_mean) / model.pixel_std for x in images],
                                    model.backbone.size_divisibility)
     res4 = model.teacher_backbone(batch.tensor)["res4"]
-    regions = embed_regions(model.teacher_backbone, res4, model.sample_proposals(images),
-                            model.teacher_pooler_resolution)
+    regions = model.teacher_backbone.embed_regions(res4, model.sample_proposals(images),
+                                                   model.teacher_pooler_resolution)
     pick = torch.randperm(len(regions), generator=torch.Generator().manual_seed(0))
     return regions[pick[:NUM_CONCEPTS]]
 

@@ -7,12 +7,13 @@ import torch
 from _checkpoint_utils import make_state_dict, pretrained_shapes
 from _clip_utils import openclip_reference
 
-import regionclip.modeling.pretrainer as pretrainer_module
+import regionclip.modeling.clip_resnet as clip_resnet_module
 from regionclip.checkpoint import load_checkpoint, save_checkpoint
 from regionclip.config import load_config
 from regionclip.modeling.build import build_model
 from regionclip.modeling.pretrainer import LOSS_KEYS, PretrainFastRCNN
-from regionclip.modeling.text_encoder import save_embeddings, tokenize
+from regionclip.modeling.text_encoder import save_embeddings
+from regionclip.prompts import tokenize
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRETRAIN = CONFIGS / "pretrain" / "RegionCLIP_RN50.yaml"
@@ -190,8 +191,8 @@ def test_whole_image_box_covers_each_images_own_extent(tmp_path, monkeypatch):
         calls.append([b.clone() for b in boxes])
         return pool_regions(res4, boxes, resolution, stride)
 
-    pool_regions = pretrainer_module.pool_regions
-    monkeypatch.setattr(pretrainer_module, "pool_regions", recording_pool)
+    pool_regions = clip_resnet_module.pool_regions  # where every region embedding is pooled
+    monkeypatch.setattr(clip_resnet_module, "pool_regions", recording_pool)
     sizes = ((64, 96), (80, 48))  # the padded canvas is 80 x 96
     model(_batch(sizes))
     whole = [[0.0, 0.0, float(w), float(h)] for h, w in sizes]

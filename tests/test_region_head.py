@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from regionclip.modeling.box_predictor import InferenceSettings, TextEmbeddingPredictor
-from regionclip.modeling.clip_resnet import CLIPResNet
-from regionclip.modeling.clip_variants import get_variant
+from regionclip.modeling.clip_resnet import CLIPResNet, pool_regions
+from regionclip.config.variants import get_variant
 from regionclip.modeling.mask_head import MaskHead, paste_masks
-from regionclip.modeling.region_head import RegionHead, pool_regions
+from regionclip.modeling.region_head import RegionHead
 from regionclip.ops import roi_align  # torchvision's
 from regionclip.structures import Boxes, Instances
 
@@ -57,6 +57,13 @@ def _random_boxes(num, height, width, seed, min_size=12.0):
 def _head(num_classes=3, mask_head=None, **settings) -> RegionHead:
     predictor = TextEmbeddingPredictor(torch.randn(num_classes, TINY.embed_dim, generator=_gen(7)))
     return RegionHead(predictor, TINY.pooler_resolution, InferenceSettings(**settings), mask_head)
+
+
+def _detect(head, trunk, res4, proposals):
+    """The head's detections of proposals, embedded by the trunk (as CLIPFastRCNN does)."""
+    boxes = [p.proposal_boxes.tensor for p in proposals]
+    return head.predict(trunk.embed_regions(res4, boxes, head.pooler_resolution), proposals,
+                        res4, trunk)
 
 
 def _proposals(boxes, image_size):
@@ -159,7 +166,7 @@ def test_embed_equals_layer4_and_attnpool_on_roi_align():
     crops = roi_align(res4, rois, output_size=TINY.pooler_resolution, spatial_scale=1 / 16,
                       sampling_ratio=0, aligned=True)
     expected = trunk.attnpool(trunk.layer4(crops))
-    embeddings = _head().embed(res4, boxes, trunk.layer4, trunk.attnpool)
+    embeddings = trunk.embed_regions(res4, boxes, TINY.pooler_resolution)
     assert embeddings.shape == (5, TINY.embed_dim)
     torch.testing.assert_close(embeddings, expected)
 
@@ -170,8 +177,8 @@ def test_embed_batched_equals_unbatched():
     res4 = trunk(torch.randn(2, 3, 64, 96, generator=_gen(0)))["res4"]
     boxes = [_random_boxes(4, 64, 96, seed=1), _random_boxes(1, 64, 96, seed=2)]
     head = _head()
-    batched = head.embed(res4, boxes, trunk.layer4, trunk.attnpool)
-    single = [head.embed(res4[i:i + 1], [b], trunk.layer4, trunk.attnpool)
+    batched = trunk.embed_regions(res4, boxes, head.pooler_resolution)
+    single = [trunk.embed_regions(res4[i:i + 1], [b], head.pooler_resolution)
               for i, b in enumerate(boxes)]
     torch.testing.assert_close(batched, torch.cat(single), rtol=1e-5, atol=1e-5)
 
@@ -183,10 +190,10 @@ def test_a_larger_vocabulary_leaves_embeddings_and_known_logits_unchanged():
     boxes = [_random_boxes(4, 64, 64, seed=1)]
     head = _head(num_classes=3).eval()
     vocabulary = head.box_predictor.cls_score.weight.clone()
-    embeddings = head.embed(res4, boxes, trunk.layer4, trunk.attnpool)
+    embeddings = trunk.embed_regions(res4, boxes, head.pooler_resolution)
     logits = head.box_predictor(embeddings)[0]
     head.box_predictor.set_test_embeddings(torch.cat([vocabulary, torch.randn(2, 32)]))
-    grown = head.embed(res4, boxes, trunk.layer4, trunk.attnpool)
+    grown = trunk.embed_regions(res4, boxes, head.pooler_resolution)
     grown_logits = head.box_predictor(grown)[0]
     assert torch.equal(grown, embeddings)
     assert grown_logits.shape == (4, 6)
@@ -203,10 +210,10 @@ def test_forward_scores_each_image_against_its_own_proposals():
                  _proposals(_random_boxes(3, 48, 80, seed=2), (48, 80))]
     head = _head(score_thresh=-1.0, nms_thresh=1.0, detections_per_image=1000,
                  no_box_delta=True)
-    results = head({"res4": res4}, proposals, trunk.layer4, trunk.attnpool)
+    results = _detect(head, trunk, res4, proposals)
     for i, (result, proposal) in enumerate(zip(results, proposals)):
-        embeddings = head.embed(res4[i:i + 1], [proposal.proposal_boxes.tensor], trunk.layer4,
-                                trunk.attnpool)
+        embeddings = trunk.embed_regions(res4[i:i + 1], [proposal.proposal_boxes.tensor],
+                                         head.pooler_resolution)
         probs = F.softmax(head.box_predictor(embeddings)[0], dim=1)
         assert result.image_size == proposal.image_size
         assert len(result) == 3 * len(proposal)  # every (box, class): no threshold, no NMS
@@ -248,7 +255,7 @@ def test_predicted_masks_are_mask_head_probabilities_of_the_detections(agnostic)
     proposals = [_proposals(_random_boxes(6, 64, 96, seed=1), (64, 96))]
     mask_head = MaskHead(TINY.attnpool_dim, conv_dim=8, num_classes=1 if agnostic else 3)
     head = _head(mask_head=mask_head, score_thresh=0.01, no_box_delta=True)
-    result = head({"res4": res4}, proposals, trunk.layer4, trunk.attnpool)[0]
+    result = _detect(head, trunk, res4, proposals)[0]
     assert len(result) > 0
     logits = mask_head(trunk.layer4(pool_regions(res4, [result.pred_boxes.tensor], 4)))
     channel = torch.zeros_like(result.pred_classes) if agnostic else result.pred_classes
@@ -263,7 +270,7 @@ def test_no_detections_give_empty_masks():
     res4 = trunk(torch.randn(1, 3, 64, 64, generator=_gen(0)))["res4"]
     head = _head(mask_head=MaskHead(TINY.attnpool_dim, conv_dim=8), score_thresh=1.0)
     proposals = [_proposals(_random_boxes(3, 64, 64, seed=1), (64, 64))]
-    result = head({"res4": res4}, proposals, trunk.layer4, trunk.attnpool)[0]
+    result = _detect(head, trunk, res4, proposals)[0]
     assert len(result) == 0
     assert result.pred_masks.shape == (0, 1, 4, 4)
 

@@ -7,11 +7,11 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from regionclip.modeling.offline_rpn import (
-    OfflineRPNInput, build_offline_rpn, offline_proposals, offline_rpn_cfg,
-)
+from regionclip.modeling.build import build_offline_rpn, is_unit_scale, offline_rpn_cfg
 from regionclip.modeling.resnet_fpn import BottleneckBlock, build_resnet
-from regionclip.modeling.rpn import DefaultAnchorGenerator, cell_anchors
+from regionclip.modeling.rpn import (
+    DefaultAnchorGenerator, OfflineRPNInput, cell_anchors, offline_proposals,
+)
 from regionclip.ops import FrozenBatchNorm2d
 
 from _rpn_utils import (
@@ -317,7 +317,8 @@ def test_backbone_receives_bgr_minus_detectron2_mean(input_format):
 
 
 def test_unit_scale_mean_divides_by_255():
-    spec = OfflineRPNInput("RGB", "RGB", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert is_unit_scale((0.5, 0.5, 0.5)) and not is_unit_scale(DETECTRON2_BGR_MEAN)
+    spec = OfflineRPNInput("RGB", "RGB", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), unit_scale=True)
     out = spec.normalize(torch.full((3, 2, 2), 255, dtype=torch.uint8))
     torch.testing.assert_close(out, torch.full((3, 2, 2), 2.0))
     with pytest.raises(ValueError, match="INPUT.FORMAT"):

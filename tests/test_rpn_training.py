@@ -10,14 +10,8 @@ from _training_utils import trained_rpn
 from regionclip.checkpoint import load_checkpoint, save_checkpoint
 from regionclip.config import load_config
 from regionclip.modeling.box_coder import Box2BoxTransform
-from regionclip.modeling.build import build_model
-from regionclip.modeling.rpn_training import (
-    ProposalNetwork,
-    RPNTraining,
-    build_proposal_network,
-    label_anchors,
-    rpn_losses,
-)
+from regionclip.modeling.build import build_model, build_proposal_network
+from regionclip.modeling.rpn_training import ProposalNetwork, RPNTraining, label_anchors, rpn_losses
 from regionclip.structures import Boxes, Instances
 
 GT = Boxes(torch.tensor([[0.0, 0.0, 10.0, 10.0]]))
@@ -165,7 +159,7 @@ def test_other_meta_architectures_are_rejected():
 def test_trained_checkpoint_works_as_offline_rpn_weights(tmp_path):
     torch.manual_seed(0)
     rpn = build_model(_tiny_cfg()).eval()
-    batch = rpn.preprocess_image([_input(0), _input(1)]).tensor
+    batch = rpn.preprocess([_input(0), _input(1)]).tensor
     randomize_(rpn.proposal_generator, seed=1)
     randomize_(rpn.backbone, seed=2, calibration_input=batch)
     path = tmp_path / "rpn.pth"

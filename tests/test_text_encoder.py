@@ -6,17 +6,15 @@ import pytest
 import torch
 from _clip_utils import official_text_shapes, openclip_reference, text_state_dict
 
-from regionclip.modeling.clip_variants import get_variant
+from regionclip.config.variants import get_variant
+from regionclip.data.coco import class_names_from_file
 from regionclip.modeling.text_encoder import (
-    PROMPT_TEMPLATES,
     TextEncoder,
-    class_names_from_file,
     concept_embeddings,
     load_embeddings,
-    prompt_engineering,
     save_embeddings,
-    tokenize,
 )
+from regionclip.prompts import PROMPT_TEMPLATES, prompt_engineering, tokenize
 
 SOT, EOT = 49406, 49407
 

@@ -49,6 +49,7 @@ from regionclip.data.coco import load_image_folder
 from regionclip.data.image_io import ImageReadError, read_image
 from regionclip.data.mapper import build_inference_mapper
 from regionclip.evaluation.lvis import lvis_numpy_compat
+from regionclip.engine.weights import load_weights
 from regionclip.modeling.build import build_model
 from regionclip.structures import Boxes, Instances
 from regionclip.visualization import draw_predictions, select_predictions
@@ -439,9 +440,7 @@ def _embed_at_original_boxes(model, cfg, record, boxes):
     inputs = build_inference_mapper(cfg)(record)
     height, width = inputs["image"].shape[-2:]
     scale = torch.tensor([width / record["width"], height / record["height"]] * 2)
-    res4 = model.backbone(model.preprocess_image([inputs]).tensor)["res4"]
-    return model.roi_heads.embed(res4, [boxes * scale], model.backbone.layer4,
-                                 model.backbone.attnpool)
+    return model.embed_regions([inputs], [boxes * scale])
 
 
 @torch.no_grad()
@@ -452,7 +451,7 @@ def test_region_features_are_aligned_in_both_modes(tmp_path, tools, region_image
     extract(_region_feature_argv(tmp_path, with_vocabulary=True))
     cfg = load_config(argv[1], argv[2:])
     model = build_model(cfg)
-    tools["train_net"].load_weights(cfg, model)
+    load_weights(cfg, model)
     model.eval()
     vocabulary = torch.load(tmp_path / "emb.pth")
     for record in load_image_folder(str(region_images)):
@@ -491,9 +490,7 @@ def test_region_features_stay_aligned_when_empty_boxes_are_dropped(tmp_path, too
     proposals = [Instances((64, 96), proposal_boxes=Boxes(boxes), objectness_logits=torch.ones(3))]
     model.get_proposals = lambda batched_inputs: proposals
     output = module.extract(model, {"image": image, "height": 32, "width": 48}, False)
-    res4 = model.backbone(model.preprocess_image([{"image": image}]).tensor)["res4"]
-    expected = model.roi_heads.embed(res4, [boxes[[0, 2]]], model.backbone.layer4,
-                                     model.backbone.attnpool)
+    expected = model.embed_regions([{"image": image}], [boxes[[0, 2]]])
     torch.testing.assert_close(output["boxes"], boxes[[0, 2]] / 2)
     torch.testing.assert_close(output["feats"], expected)
 

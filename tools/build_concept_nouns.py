@@ -41,7 +41,7 @@ from regionclip.data.nouns import (
     iter_caption_texts,
     load_noun_parser,
 )
-from regionclip.modeling.text_encoder import class_names_from_file
+from regionclip.data.coco import class_names_from_file
 
 logger = logging.getLogger("regionclip.nouns")
 

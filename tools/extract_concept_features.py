@@ -9,9 +9,10 @@ import os
 import torch
 
 from regionclip.config import load_config, resolve_clip_variant
-from regionclip.engine.cli import default_argument_parser, setup_logging
-from regionclip.modeling.text_encoder import class_names_from_file, save_embeddings
-from regionclip.vocabulary import embed_class_names
+from regionclip.engine.defaults import default_argument_parser, setup_logging
+from regionclip.data.coco import class_names_from_file
+from regionclip.modeling.text_encoder import save_embeddings
+from regionclip.vocabulary import ClassNameEncoder
 
 
 def main(argv=None) -> str:
@@ -25,7 +26,9 @@ def main(argv=None) -> str:
     logger = setup_logging()
     names = class_names_from_file(args.names or os.path.join(cfg.INPUT_DIR, "concepts.txt"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    embeddings = embed_class_names(names, cfg.MODEL.WEIGHTS, resolve_clip_variant(cfg), device)
+    encoder = ClassNameEncoder(cfg.MODEL.WEIGHTS, resolve_clip_variant(cfg), device, cache_dir="")
+    logger.info("Encoding %d names with the text tower of %s", len(names), cfg.MODEL.WEIGHTS)
+    embeddings = encoder(names)
     output = args.output or os.path.join(cfg.OUTPUT_DIR, "concept_embeds.pth")
     save_embeddings(embeddings, output)
     logger.info("Wrote %s embeddings of %d names to %s", list(embeddings.shape), len(names),

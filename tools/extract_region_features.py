@@ -31,11 +31,11 @@ from regionclip.atomic import atomic_open
 from regionclip.config import load_config
 from regionclip.data.coco import load_image_folder
 from regionclip.data.mapper import build_inference_mapper
-from regionclip.engine.cli import default_argument_parser, setup_logging
+from regionclip.engine.defaults import default_argument_parser, setup_logging
+from regionclip.engine.weights import load_weights
 from regionclip.modeling.build import build_model
 from regionclip.modeling.detector import postprocess
 from regionclip.structures import Instances
-from train_net import load_weights  # the sibling tool's weight-loading rules
 
 
 def check_config(cfg) -> None:
@@ -60,25 +60,22 @@ def output_paths(records: Sequence[Dict], output_dir: str) -> List[str]:
 @torch.no_grad()
 def extract(model, batched_input: Dict, with_vocabulary: bool) -> Dict[str, torch.Tensor]:
     """The output dict (see the module docstring) of one mapped image."""
-    proposals = model.get_proposals([batched_input])
-    images = model.preprocess_image([batched_input])
-    res4 = model.backbone(images.tensor)["res4"]
-    res5, attnpool, heads = model.backbone.layer4, model.backbone.attnpool, model.roi_heads
-    embeddings = heads.embed(res4, [p.proposal_boxes.tensor for p in proposals], res5, attnpool)
     if with_vocabulary:
-        result = heads.predict(embeddings, proposals, res4, res5)[0]
-        probs = F.softmax(heads.box_predictor(embeddings)[0], dim=-1)
+        result = model.inference([batched_input], keep_embeddings=True)[0]["instances"]
+        feats = result.region_embeddings
+        probs = F.softmax(model.roi_heads.box_predictor(feats)[0], dim=-1)
+        output = {"boxes": result.pred_boxes.tensor, "feats": feats,
+                  "classes": result.pred_classes, "probs": probs}
     else:
-        boxes = proposals[0].proposal_boxes.clone()
-        result = Instances(proposals[0].image_size, pred_boxes=boxes,
-                           proposal_index=torch.arange(len(boxes), device=embeddings.device))
-    # postprocess may drop boxes that become empty at the original size; proposal_index
-    # follows it, so the feature rows stay aligned with the boxes.
-    result = postprocess(result, batched_input["height"], batched_input["width"])
-    index = result.proposal_index
-    output = {"boxes": result.pred_boxes.tensor, "feats": embeddings[index]}
-    if with_vocabulary:
-        output.update(classes=result.pred_classes, probs=probs[index])
+        proposals = model.get_proposals([batched_input])[0]
+        boxes = proposals.proposal_boxes.clone()
+        feats = model.embed_regions([batched_input], [boxes.tensor])
+        # postprocess may drop boxes that become empty at the original size; proposal_index
+        # follows it, so the feature rows stay aligned with the boxes.
+        index = torch.arange(len(boxes), device=feats.device)
+        result = Instances(proposals.image_size, pred_boxes=boxes, proposal_index=index)
+        result = postprocess(result, batched_input["height"], batched_input["width"])
+        output = {"boxes": result.pred_boxes.tensor, "feats": feats[result.proposal_index]}
     return {key: value.detach().cpu() for key, value in output.items()}
 
 

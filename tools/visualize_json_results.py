@@ -20,7 +20,7 @@ import tqdm
 
 from regionclip.data.catalog import DEFAULT_CUSTOM_IMAGE_DIR, get_dataset_dicts, get_metadata
 from regionclip.data.image_io import read_image
-from regionclip.engine.cli import setup_logging
+from regionclip.engine.defaults import setup_logging
 from regionclip.visualization import draw_predictions, select_predictions
 
 RESULT_KEYS = ("image_id", "category_id", "bbox", "score")

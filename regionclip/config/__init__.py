@@ -9,16 +9,14 @@ last occurrence wins, as PyYAML does.
 import difflib
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 import yaml
 from fvcore.common.config import CfgNode
 
 from ..atomic import atomic_open
 from .defaults import _C
-
-if TYPE_CHECKING:
-    from regionclip.modeling.clip_variants import CLIPVariant
+from .variants import CLIPVariant, get_variant, variant_from_depth
 
 __all__ = [
     "CLIP_BACKBONE_NAME",
@@ -234,14 +232,11 @@ def _variant_source(cfg: CfgNode, teacher: bool = False) -> str:
     return f"{name_key} {name}" if name else f"{depth_key} {depth}"
 
 
-def resolve_clip_variant(cfg: CfgNode, teacher: bool = False) -> "CLIPVariant":
+def resolve_clip_variant(cfg: CfgNode, teacher: bool = False) -> CLIPVariant:
     """The CLIP ResNet named by ``MODEL.CLIP.VARIANT`` or, when empty, the legacy depth.
 
     ``teacher=True`` reads ``TEACHER_VARIANT`` / ``TEACHER_RESNETS_DEPTH`` instead.
     """
-    # Imported here so that regionclip.modeling may import regionclip.config without a cycle.
-    from regionclip.modeling.clip_variants import get_variant, variant_from_depth
-
     name_key, depth_key = _variant_keys(teacher)
     name = _read(cfg, name_key)
     try:

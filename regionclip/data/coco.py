@@ -1,4 +1,5 @@
-"""Read COCO- and LVIS-format json, and image folders, into detectron2-style record dicts.
+"""Read COCO- and LVIS-format json, and image folders, into detectron2-style record dicts;
+read class-name files (txt or the categories of a COCO/LVIS json).
 
 A record is ``{"file_name", "height", "width", "image_id", "annotations": [...]}`` where each
 annotation is ``{"bbox" (XYWH, pixels), "bbox_mode": BoxMode.XYWH_ABS, "category_id"
@@ -12,6 +13,7 @@ import json
 import logging
 import os
 from collections import Counter
+from typing import List, Sequence
 
 from pycocotools.coco import COCO
 
@@ -204,3 +206,56 @@ def load_image_folder(folder):
         height, width = read_image_size(path)
         records.append({"file_name": path, "height": height, "width": width, "image_id": index})
     return records
+
+
+def class_names_from_file(path: str, exclude_rare: bool = False) -> List[str]:
+    """Class names from a txt file (one per line, blank lines skipped) or a COCO/LVIS json.
+
+    json: ``categories`` sorted by id (the datasets' contiguous-id order). LVIS files (whose
+    categories carry ``synset``) get the original's cleaning: ``_`` -> space, parentheses
+    removed. ``exclude_rare`` keeps only LVIS categories whose ``frequency`` is not ``"r"``
+    (the 866 base classes).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"class-name file not found: {path}")
+    if path.endswith(".json"):
+        names = _names_from_json(path, exclude_rare)
+    else:
+        if exclude_rare:
+            raise ValueError(f"exclude_rare needs an LVIS json, got {path}")
+        with open(path, encoding="utf-8") as f:
+            names = [line.strip() for line in f if line.strip()]
+    return check_class_names(names, path)
+
+
+def _names_from_json(path: str, exclude_rare: bool) -> List[str]:
+    with open(path, encoding="utf-8") as f:
+        categories = json.load(f).get("categories")
+    if not isinstance(categories, list):
+        raise ValueError(f"{path} has no 'categories' list")
+    categories = sorted(categories, key=lambda c: c["id"])
+    is_lvis = any("synset" in c for c in categories)
+    if exclude_rare:
+        if not is_lvis:
+            raise ValueError(f"exclude_rare needs an LVIS json (with 'frequency'), got {path}")
+        categories = [c for c in categories if c["frequency"] != "r"]
+    if not is_lvis:
+        return [c["name"] for c in categories]
+    return [c["name"].replace("_", " ").replace("(", "").replace(")", "") for c in categories]
+
+
+def check_class_names(names: Sequence[str], source: str = "the vocabulary") -> List[str]:
+    """The names as a list; ValueError for an empty vocabulary, blank or duplicate names."""
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise ValueError("the vocabulary must be a list of class-name strings, e.g. "
+                         "['cat', 'traffic cone']")
+    names = list(names)
+    if not names:
+        raise ValueError(f"empty vocabulary: no class names in {source}")
+    blank = [i for i, n in enumerate(names) if not n.strip()]
+    if blank:
+        raise ValueError(f"blank class name(s) at position(s) {blank} of {source}")
+    duplicates = sorted(n for n, k in Counter(names).items() if k > 1)
+    if duplicates:
+        raise ValueError(f"duplicate class names in {source}: {duplicates}")
+    return names

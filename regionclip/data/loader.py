@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..engine.launch import all_gather, get_rank, get_world_size
+from ..distributed import all_gather, get_rank, get_world_size
 from .catalog import get_dataset_dicts, get_metadata
 from .multi_dataset import (
     MULTI_DATASET_SAMPLER,

@@ -36,22 +36,24 @@ class InferenceMapper:
     def __call__(self, record):
         image = read_image(record["file_name"], self.image_format)
         check_image_size(record, image)
-        height, width = image.shape[:2]
-        transform = self.resize.get_transform(height, width)
-        image = transform.apply_image(image)
-        chw = np.ascontiguousarray(image.transpose(2, 0, 1))
-        result = {
-            "image": torch.as_tensor(chw, dtype=torch.float32),
-            "height": record.get("height", height),
-            "width": record.get("width", width),
-            "image_id": record.get("image_id"),
-            "file_name": record["file_name"],
-        }
+        result, transform = self.map_image(image)
+        result.update(height=record.get("height", result["height"]),
+                      width=record.get("width", result["width"]),
+                      image_id=record.get("image_id"), file_name=record["file_name"])
         if self.keep_annotations and "annotations" in record:
             result["instances"] = annotations_to_instances(
-                record["annotations"], transform, image.shape[:2]
+                record["annotations"], transform, tuple(result["image"].shape[-2:])
             )
         return result
+
+    def map_image(self, image):
+        """A decoded uint8 [H, W, 3] image (in ``image_format``) -> (model input with
+        ``image``, ``height``, ``width``; the resize transform)."""
+        height, width = image.shape[:2]
+        transform = self.resize.get_transform(height, width)
+        chw = np.ascontiguousarray(transform.apply_image(image).transpose(2, 0, 1))
+        return {"image": torch.as_tensor(chw, dtype=torch.float32), "height": height,
+                "width": width}, transform
 
 
 def check_image_size(record, image):

@@ -18,15 +18,10 @@ import re
 from collections import Counter
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .coco import class_names_from_file
 from .coco_ovd import ALL_CATEGORIES
-from .image_text_sources import (
-    CAPTIONS_JSONL,
-    TAR_SUFFIXES,
-    JsonlSource,
-    WebDatasetSource,
-    find_tsv_pairs,
-    iter_tsv_texts,
-)
+from .image_text_sources import CAPTIONS_JSONL, TAR_SUFFIXES, JsonlSource, WebDatasetSource
+from .image_text_tsv import find_tsv_pairs, iter_tsv_texts
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +50,6 @@ def default_vocabulary(lvis_json: Optional[str] = None) -> List[str]:
     """COCO 80 names, then the LVIS names of ``lvis_json`` (if given) not already present."""
     names = coco_class_names()
     if lvis_json:
-        from ..modeling.text_encoder import class_names_from_file
-
         names += class_names_from_file(lvis_json)
     return list(dict.fromkeys(names))
 

@@ -16,7 +16,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from torch.utils.data import Sampler
 
-from ..engine.launch import get_rank, get_world_size
+from ..distributed import get_rank, get_world_size
 
 logger = logging.getLogger("regionclip")
 

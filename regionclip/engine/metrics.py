@@ -17,7 +17,7 @@ from typing import Dict, Mapping
 
 import torch
 
-from .launch import is_main_process
+from ..distributed import is_main_process
 
 logger = logging.getLogger("regionclip")
 

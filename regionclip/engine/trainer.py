@@ -26,8 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..atomic import atomic_open
 from ..checkpoint import read_checkpoint, save_checkpoint
-from .launch import all_gather, get_local_rank, get_rank, get_world_size, is_main_process
+from ..distributed import all_gather, get_local_rank, get_rank, get_world_size, is_main_process
 from .metrics import TrainingMetrics
 from .solver import build_gradient_clipper, build_lr_scheduler, build_optimizer
 
@@ -124,15 +125,6 @@ def check_losses(loss_dict, iteration: int) -> None:
            if not (torch.is_tensor(value) and value.numel() == 1)]
     if bad:
         raise TypeError(f"Losses must be scalar tensors; not so at iteration {iteration}: {bad}")
-
-
-def write_atomic_text(path: str, text: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def last_checkpoint_path(output_dir: str) -> str:
@@ -341,7 +333,8 @@ class Trainer:
         if self.scaler is not None:
             extra["grad_scaler"] = self.scaler.state_dict()
         save_checkpoint(os.path.join(self.output_dir, name), self.module.state_dict(), **extra)
-        write_atomic_text(os.path.join(self.output_dir, LAST_CHECKPOINT_FILE), name)
+        with atomic_open(os.path.join(self.output_dir, LAST_CHECKPOINT_FILE), "w") as f:
+            f.write(name)
         logger.info("Saved checkpoint %s (iteration %d)", name, iteration)
         self._remove_old_checkpoints()
 

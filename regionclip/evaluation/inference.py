@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from ..engine.launch import all_gather, get_world_size, is_main_process
+from ..distributed import all_gather, get_world_size, is_main_process
 
 logger = logging.getLogger("regionclip")
 

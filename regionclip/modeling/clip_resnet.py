@@ -5,23 +5,26 @@ Built on open_clip's ``ModifiedResNet``, whose module names (``conv1``, ``bn1``,
 equal the official RegionCLIP ``backbone.*`` names, so both OpenAI CLIP ``visual.*`` weights
 and RegionCLIP checkpoints load by renaming the prefix only.
 
-As in RegionCLIP's C4 detectors the backbone returns ``res4`` (stride 16); the region head runs
-``layer4`` (res5) and ``attnpool`` itself on RoI-aligned res4 features.
+As in RegionCLIP's C4 detectors the backbone returns ``res4`` (stride 16); regions are embedded
+by :meth:`CLIPResNet.embed_regions`: RoIAlign on res4 -> ``layer4`` (res5) -> ``attnpool``, the
+regional analogue of CLIP's ``encode_image`` and the one implementation that inference,
+fine-tuning, pretraining (student and teacher) and the tools share.
 """
-from typing import Dict, NamedTuple, Sequence
+from typing import Dict, List, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from open_clip.modified_resnet import AttentionPool2d, ModifiedResNet
 from torch import nn
 
-from ..ops import FrozenBatchNorm2d
-from .clip_variants import CLIPVariant
+from ..config.variants import CLIPVariant
+from ..ops import FrozenBatchNorm2d, roi_align
 
 # detectron2 feature names -> ModifiedResNet stage attributes.
 STAGES = {"res2": "layer1", "res3": "layer2", "res4": "layer3", "res5": "layer4"}
 STAGE_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 MAX_FREEZE_AT = 5  # 1 = stem, k >= 2 = stem and layer1..layer{k-1}
+INFERENCE_CHUNK = 128  # regions per res5 pass without gradients
 
 
 class ShapeSpec(NamedTuple):
@@ -77,6 +80,17 @@ class GridAttentionPool2d(AttentionPool2d):
             need_weights=False,
         )
         return pooled[0]
+
+
+def pool_regions(
+    res4: torch.Tensor, boxes: List[torch.Tensor], resolution: int, stride: int = 16
+) -> torch.Tensor:
+    """RoIAlign ("ROIAlignV2": aligned, adaptive sampling) of xyxy boxes given per image.
+
+    res4: [N, C, H, W]; boxes: N tensors [R_i, 4] in input-image pixels -> [sum R_i, C, S, S].
+    """
+    return roi_align(res4, boxes, resolution, spatial_scale=1.0 / stride, sampling_ratio=0,
+                     aligned=True)
 
 
 def convert_frozen_batchnorm(module: nn.Module) -> nn.Module:
@@ -165,6 +179,25 @@ class CLIPResNet(ModifiedResNet):
         for attr in STAGES.values():
             x = getattr(self, attr)(x)
         return self.attnpool(x)
+
+    def region_features(self, res4: torch.Tensor, boxes: List[torch.Tensor],
+                        resolution: int) -> torch.Tensor:
+        """res5 maps [sum R_i, C5, S/2, S/2] of the boxes (per image, input pixels)."""
+        return self.layer4(pool_regions(res4, boxes, resolution))
+
+    def embed_regions(self, res4: torch.Tensor, boxes: List[torch.Tensor],
+                      resolution: int) -> torch.Tensor:
+        """Unnormalised region embeddings [sum R_i, D] of the boxes.
+
+        ``resolution`` is the RoIAlign size on res4: twice the attention-pool grid. Without
+        gradients, regions go through res5 in chunks: the res5 activations of a thousand
+        RN50x4 regions alone would take gigabytes.
+        """
+        pooled = pool_regions(res4, boxes, resolution)
+        if torch.is_grad_enabled():
+            return self.attnpool(self.layer4(pooled))
+        chunks = pooled.split(INFERENCE_CHUNK) if len(pooled) else [pooled]
+        return torch.cat([self.attnpool(self.layer4(chunk)) for chunk in chunks])
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         """Channels and strides of the features :meth:`forward` returns."""

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..structures import Boxes, ImageList, Instances
 from .mask_head import paste_masks
-from .offline_rpn import OfflineRPNInput, offline_proposals
+from .rpn import OfflineRPNInput, offline_proposals
 from .region_head import RegionHead
 
 PROPOSAL_SOURCES = ("GT", "RPN")
@@ -72,45 +72,76 @@ class CLIPFastRCNN(nn.Module):
             raise ValueError("Training needs ground-truth 'instances' in every input")
         targets = [x["instances"].to(self.device) for x in batched_inputs]
         proposals = self.get_proposals(batched_inputs)
-        features = self.backbone(self.preprocess_image(batched_inputs).tensor)
-        return self.roi_heads.losses(features, proposals, targets, self.backbone.layer4,
-                                     self.backbone.attnpool)
+        return self.roi_heads.losses(self.res4(batched_inputs), proposals, targets,
+                                     self.backbone)
 
-    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+    def preprocess(self, batched_inputs: List[Dict]) -> ImageList:
+        """CLIP-normalised images, padded to one batch."""
         images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std
                   for x in batched_inputs]
         return ImageList.from_tensors(images)
 
+    def res4(self, batched_inputs: List[Dict]) -> torch.Tensor:
+        """The trunk's stride-16 features of the batch, [N, C4, H/16, W/16]."""
+        return self.backbone(self.preprocess(batched_inputs).tensor)["res4"]
+
+    def embed_regions(self, batched_inputs: List[Dict], boxes: List[torch.Tensor],
+                      res4: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Unnormalised region embeddings [sum R_i, D] of per-image xyxy boxes given in input
+        pixels (``res4``: the batch's features, when already computed)."""
+        res4 = self.res4(batched_inputs) if res4 is None else res4
+        boxes = [b.to(self.device, torch.float32) for b in boxes]
+        return self.backbone.embed_regions(res4, boxes, self.roi_heads.pooler_resolution)
+
     @torch.no_grad()
     def get_proposals(self, batched_inputs: List[Dict]) -> List[Instances]:
-        """Region proposals in the input image's coordinates."""
+        """Region proposals in the input image's coordinates: the ground-truth boxes of each
+        input's ``instances`` (GT source) or the offline RPN's."""
         if self.proposal_source == "GT":
-            return [self._gt_proposals(x) for x in batched_inputs]
+            return [boxes_as_proposals(_gt_boxes(x), x["image"].shape[-2:], self.device)
+                    for x in batched_inputs]
         raw = [x["image"].to(self.device) for x in batched_inputs]
         return offline_proposals(
             self.offline_backbone, self.offline_proposal_generator, self.offline_input, raw
         )
 
-    def _gt_proposals(self, record: Dict) -> Instances:
-        size = tuple(record["image"].shape[-2:])
-        boxes = record["instances"].gt_boxes.tensor if "instances" in record else torch.zeros(0, 4)
-        boxes = boxes.to(self.device)
-        return Instances(size, proposal_boxes=Boxes(boxes),
-                         objectness_logits=torch.ones(len(boxes), device=self.device))
+    def inference(self, batched_inputs: List[Dict], boxes: Optional[List[torch.Tensor]] = None,
+                  keep_embeddings: bool = False) -> List[Dict]:
+        """``[{"instances": Instances}]`` at the original image sizes.
 
-    def inference(self, batched_inputs: List[Dict], proposals: Optional[List[Instances]] = None,
-                  keep_embeddings: bool = False):
-        """``[{"instances": Instances}]`` at the original image sizes; ``keep_embeddings`` adds
-        each detection's unnormalised region embedding as ``region_embeddings``."""
-        if proposals is None:
+        boxes: per input, regions to score ([R_i, 4] xyxy in input pixels) instead of the
+        proposal source; like ground-truth boxes they are kept as given (no regression, no
+        objectness fusion). ``keep_embeddings`` adds each detection's unnormalised region
+        embedding as ``region_embeddings``.
+        """
+        given = boxes is not None or self.proposal_source == "GT"
+        if boxes is None:
             proposals = self.get_proposals(batched_inputs)
-        images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
-        results = self.roi_heads(features, proposals, self.backbone.layer4, self.backbone.attnpool,
-                                 keep_embeddings)
+        else:
+            proposals = [boxes_as_proposals(b, x["image"].shape[-2:], self.device)
+                         for b, x in zip(boxes, batched_inputs)]
+        res4 = self.res4(batched_inputs)
+        embeddings = self.embed_regions(
+            batched_inputs, [p.proposal_boxes.tensor for p in proposals], res4)
+        results = self.roi_heads.predict(embeddings, proposals, res4, self.backbone, given)
+        if keep_embeddings:
+            for result, image_embeddings in zip(results, embeddings.split(
+                    [len(p) for p in proposals])):
+                result.region_embeddings = image_embeddings[result.proposal_index]
         return [{"instances": postprocess(r, x.get("height", r.image_size[0]),
                                           x.get("width", r.image_size[1]))}
                 for r, x in zip(results, batched_inputs)]
+
+
+def _gt_boxes(record: Dict) -> torch.Tensor:
+    return record["instances"].gt_boxes.tensor if "instances" in record else torch.zeros(0, 4)
+
+
+def boxes_as_proposals(boxes: torch.Tensor, image_size, device) -> Instances:
+    """Regions chosen by the caller (or ground truth) as proposals with objectness 1."""
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).to(device)
+    return Instances(tuple(image_size), proposal_boxes=Boxes(boxes),
+                     objectness_logits=torch.ones(len(boxes), device=device))
 
 
 def postprocess(result: Instances, height: int, width: int) -> Instances:

@@ -19,11 +19,10 @@ from torch import nn
 
 from ..structures import ImageList
 from .clip_resnet import CLIPResNet
-from .offline_rpn import OfflineRPNInput, offline_proposals
+from .rpn import OfflineRPNInput, offline_proposals
 from .pretrain_losses import DEFAULT_TEMPERATURE, image_text_contrastive
 from .pretrain_losses import region_concept_contrastive, region_concept_distillation
 from .pseudo_labels import pseudo_concept_labels
-from .region_head import pool_regions
 from .text_encoder import TextEncoder
 
 # Loss switch name -> the key of the returned loss dict.
@@ -59,12 +58,6 @@ def random_caption(tokens: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"caption tokens must be [n_captions >= 1, context_length], got "
                          f"{tuple(tokens.shape)}")
     return tokens[int(torch.randint(len(tokens), ()))]
-
-
-def embed_regions(trunk: CLIPResNet, res4: torch.Tensor, boxes: List[torch.Tensor],
-                  resolution: int) -> torch.Tensor:
-    """[sum R_i, D] unnormalised embeddings: RoIAlign on res4 -> trunk res5 -> attention pool."""
-    return trunk.attnpool(trunk.layer4(pool_regions(res4, boxes, resolution)))
 
 
 class PretrainFastRCNN(nn.Module):
@@ -173,12 +166,12 @@ class PretrainFastRCNN(nn.Module):
 
     def _region_losses(self, images, normalized: torch.Tensor, res4) -> Dict[str, torch.Tensor]:
         boxes = self.sample_proposals(images)
-        student = embed_regions(self.backbone, res4, boxes, self.pooler_resolution)
+        student = self.backbone.embed_regions(res4, boxes, self.pooler_resolution)
         with torch.no_grad():
             # The teacher sees the same normalised (and padded) batch as the student.
             teacher_res4 = self.teacher_backbone(normalized)["res4"]
-            teacher = embed_regions(self.teacher_backbone, teacher_res4, boxes,
-                                    self.teacher_pooler_resolution)
+            teacher = self.teacher_backbone.embed_regions(teacher_res4, boxes,
+                                                          self.teacher_pooler_resolution)
         labels = pseudo_concept_labels(teacher, self.teacher_concept_emb, self.concept_thres)
         region = F.normalize(student[labels.keep].float(), dim=1)
         concepts = F.normalize(self.concept_emb.float(), dim=1)
@@ -193,7 +186,7 @@ class PretrainFastRCNN(nn.Module):
 
     def _image_text_loss(self, batched_inputs, res4, image_sizes) -> torch.Tensor:
         boxes = whole_image_boxes(image_sizes, self.device)
-        image = embed_regions(self.backbone, res4, boxes, self.pooler_resolution)
+        image = self.backbone.embed_regions(res4, boxes, self.pooler_resolution)
         tokens = torch.stack([random_caption(x["tokens"]) for x in batched_inputs])
         with torch.no_grad():
             text = self.lang_encoder.encode_text(tokens.to(self.device), only_eot=True)

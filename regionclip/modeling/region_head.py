@@ -1,40 +1,28 @@
-"""Region embeddings: RoIAlign on res4 -> CLIP res5 -> attention pool.
+"""The region head: region embeddings -> class scores, boxes and masks; training losses.
 
-The res5 stage and the attention pool belong to the CLIP trunk (their weights are
-``backbone.layer4.*`` and ``backbone.attnpool.*`` in every official checkpoint) and are passed
-in at call time; this head owns only the predictor and the optional mask head, so its
-state-dict keys are ``roi_heads.box_predictor.*`` and ``roi_heads.mask_head.*``.
+Regions are embedded by the CLIP trunk itself (:meth:`CLIPResNet.embed_regions`: RoIAlign on
+res4 -> res5 -> attention pool), whose weights are ``backbone.layer4.*`` and
+``backbone.attnpool.*`` in every official checkpoint; the trunk is passed in at call time. This
+head owns only the predictor and the optional mask head, so its state-dict keys are
+``roi_heads.box_predictor.*`` and ``roi_heads.mask_head.*``.
 """
+import dataclasses
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
-from ..ops import roi_align
 from ..structures import Instances
 from .box_predictor import InferenceSettings, LossSettings, TextEmbeddingPredictor
 from .box_predictor import detect_single_image, predict_boxes, predict_probs, predictor_losses
+from .clip_resnet import CLIPResNet
 from .losses import crop_and_resize_masks, mask_loss
 from .mask_head import MaskHead, attach_mask_probs
 from .roi_sampling import RoISampling, label_and_sample_proposals
 
 
-INFERENCE_CHUNK = 128  # regions per res5 pass at inference
-
-
-def pool_regions(
-    res4: torch.Tensor, boxes: List[torch.Tensor], resolution: int, stride: int = 16
-) -> torch.Tensor:
-    """RoIAlign ("ROIAlignV2": aligned, adaptive sampling) of xyxy boxes given per image.
-
-    res4: [N, C, H, W]; boxes: N tensors [R_i, 4] in input-image pixels -> [sum R_i, C, S, S].
-    """
-    return roi_align(res4, boxes, resolution, spatial_scale=1.0 / stride, sampling_ratio=0,
-                     aligned=True)
-
-
 class RegionHead(nn.Module):
-    """Turns proposals into region embeddings, class scores, boxes and masks."""
+    """Turns region embeddings into class scores, boxes and masks."""
 
     def __init__(
         self,
@@ -53,46 +41,18 @@ class RegionHead(nn.Module):
         self.sampling = sampling
         self.loss_settings = loss_settings
 
-    def region_features(self, res4, boxes: List[torch.Tensor], res5: nn.Module):
-        """res5 feature maps [R, C5, S/2, S/2] of the given boxes."""
-        return res5(pool_regions(res4, boxes, self.pooler_resolution))
-
-    def embed(self, res4, boxes: List[torch.Tensor], res5: nn.Module, attnpool: nn.Module):
-        """Unnormalised region embeddings [R, D] of the given boxes.
-
-        Without gradients, regions go through res5 in chunks: the res5 activations of a
-        thousand RN50x4 regions alone would take gigabytes.
-        """
-        pooled = pool_regions(res4, boxes, self.pooler_resolution)
-        if torch.is_grad_enabled():
-            return attnpool(res5(pooled))
-        chunks = pooled.split(INFERENCE_CHUNK) if len(pooled) else [pooled]
-        return torch.cat([attnpool(res5(chunk)) for chunk in chunks])
-
-    def forward(
-        self,
-        features: Dict[str, torch.Tensor],
-        proposals: List[Instances],
-        res5: nn.Module,
-        attnpool: nn.Module,
-        keep_embeddings: bool = False,
-    ) -> List[Instances]:
+    def predict(self, embeddings: torch.Tensor, proposals: List[Instances], res4: torch.Tensor,
+                trunk: CLIPResNet, given_boxes: bool = False) -> List[Instances]:
         """Detections per image, in the (resized) input coordinates.
 
-        Each result also carries ``proposal_index`` (the proposal a detection came from) and,
-        with ``keep_embeddings``, ``region_embeddings`` (its unnormalised embedding, [N, D]).
+        embeddings: [sum R_i, D] of the proposals. ``given_boxes``: the proposals are regions
+        chosen by the caller (or ground truth): kept as they are and not fused with an
+        objectness they do not have. Each result also carries ``proposal_index``, the
+        proposal a detection came from.
         """
-        res4 = features["res4"]
-        embeddings = self.embed(res4, [p.proposal_boxes.tensor for p in proposals], res5, attnpool)
-        results = self.predict(embeddings, proposals, res4, res5)
-        if keep_embeddings:
-            per_image = embeddings.split([len(p) for p in proposals])
-            for result, image_embeddings in zip(results, per_image):
-                result.region_embeddings = image_embeddings[result.proposal_index]
-        return results
-
-    def predict(self, embeddings, proposals: List[Instances], res4, res5) -> List[Instances]:
         settings = self.inference_settings
+        if given_boxes:
+            settings = dataclasses.replace(settings, no_box_delta=True, multiply_rpn_score=False)
         logits, deltas = self.box_predictor(embeddings)
         scores, unfused = predict_probs(logits, proposals, settings.multiply_rpn_score)
         boxes = predict_boxes(deltas, proposals, settings)
@@ -102,31 +62,26 @@ class RegionHead(nn.Module):
             result.proposal_index = index
             results.append(result)
         if self.mask_head is not None:
-            self._predict_masks(res4, res5, results)
+            self._predict_masks(res4, trunk, results)
         return results
 
-    def _predict_masks(self, res4, res5: nn.Module, results: List[Instances]) -> None:
+    def _predict_masks(self, res4, trunk: CLIPResNet, results: List[Instances]) -> None:
         boxes = [r.pred_boxes.tensor for r in results]
         if sum(len(b) for b in boxes) == 0:
             for r in results:
                 size = self.pooler_resolution
                 r.pred_masks = res4.new_zeros((0, 1, size, size))
             return
-        attach_mask_probs(self.mask_head(self.region_features(res4, boxes, res5)), results)
+        features = trunk.region_features(res4, boxes, self.pooler_resolution)
+        attach_mask_probs(self.mask_head(features), results)
 
     @property
     def num_train_classes(self) -> int:
         """Classes of the training vocabulary; label ``num_train_classes`` is background."""
         return self.box_predictor.cls_score.weight.shape[0]
 
-    def losses(
-        self,
-        features: Dict[str, torch.Tensor],
-        proposals: List[Instances],
-        targets: List[Instances],
-        res5: nn.Module,
-        attnpool: nn.Module,
-    ) -> Dict[str, torch.Tensor]:
+    def losses(self, res4: torch.Tensor, proposals: List[Instances], targets: List[Instances],
+               trunk: CLIPResNet) -> Dict[str, torch.Tensor]:
         """Training losses: ``loss_cls``, ``loss_box_reg`` and, with a mask head, ``loss_mask``.
 
         targets: per image ``gt_boxes``, ``gt_classes`` (contiguous training ids) and, for the
@@ -134,9 +89,9 @@ class RegionHead(nn.Module):
         """
         sampled = label_and_sample_proposals(proposals, targets, self.num_train_classes,
                                              self.sampling)
-        res5_features = self.region_features(
-            features["res4"], [s.proposal_boxes.tensor for s in sampled], res5)
-        logits, deltas = self.box_predictor(attnpool(res5_features))
+        res5_features = trunk.region_features(
+            res4, [s.proposal_boxes.tensor for s in sampled], self.pooler_resolution)
+        logits, deltas = self.box_predictor(trunk.attnpool(res5_features))
         losses = predictor_losses(logits, deltas, sampled, self.loss_settings)
         if self.mask_head is not None:
             losses["loss_mask"] = self._mask_loss(res5_features, sampled, targets)

@@ -4,8 +4,16 @@ Anchors, head and proposal selection reproduce detectron2's `DefaultAnchorGenera
 `StandardRPNHead` and `find_top_rpn_proposals`, so the RPNs of official detectron2 checkpoints
 give the same proposals. RegionCLIP's offline RPN is frozen; training an RPN (its losses) lives in
 `rpn_training.py` and uses `RPN.head_outputs`.
+
+The offline RPN (an ordinary detectron2 R50-C4 / R50-FPN RPN trained on BGR images with
+detectron2's pixel means) sees the same resized image as the CLIP branch, re-normalised its own
+way (:class:`OfflineRPNInput`); padding is right/bottom only, so proposals are in the
+coordinates of the resized image shared by both branches. A detector holds the two modules as
+`offline_backbone` / `offline_proposal_generator` (the official checkpoint prefixes) and calls
+:func:`offline_proposals` with its raw images.
 """
 import math
+from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -19,6 +27,7 @@ from regionclip.structures.image_list import ImageList
 from regionclip.structures.instances import Instances
 
 BOX_DIM = 4
+CHANNEL_ORDERS = ("RGB", "BGR")
 
 
 def _broadcast(params: Sequence, num_levels: int, name: str) -> List[List[float]]:
@@ -228,3 +237,55 @@ class RPN(Freezable):
             boxes = self.box2box_transform.apply_deltas(deltas_i.reshape(-1, BOX_DIM), anchors_i)
             out.append(boxes.view(n, -1, BOX_DIM))
         return out
+
+
+@dataclass(frozen=True)
+class OfflineRPNInput:
+    """How images reach the offline RPN.
+
+    input_format: channel order of the images handed to `offline_proposals` (the detector's
+        INPUT.FORMAT). format: the RPN config's INPUT.FORMAT. pixel_mean / pixel_std: the RPN
+        config's MODEL.PIXEL_MEAN / STD in `format` order, on the 0-255 scale or, with
+        ``unit_scale``, on the 0-1 scale (pixels are then divided by 255 first, as in the
+        original).
+    """
+
+    input_format: str
+    format: str
+    pixel_mean: Tuple[float, ...]
+    pixel_std: Tuple[float, ...]
+    unit_scale: bool = False
+
+    def __post_init__(self):
+        for fmt in (self.input_format, self.format):
+            if fmt not in CHANNEL_ORDERS:
+                raise ValueError(f"Offline RPN supports INPUT.FORMAT {CHANNEL_ORDERS}, got {fmt!r}")
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        """[3, H, W] pixels 0-255 in `input_format` -> [3, H, W] float normalised RPN input."""
+        image = image.float()
+        if self.input_format != self.format:
+            image = image.flip(0)
+        if self.unit_scale:
+            image = image / 255.0
+        mean = torch.tensor(self.pixel_mean, device=image.device).view(-1, 1, 1)
+        std = torch.tensor(self.pixel_std, device=image.device).view(-1, 1, 1)
+        return (image - mean) / std
+
+
+@torch.no_grad()
+def offline_proposals(
+    backbone: nn.Module, proposal_generator: RPN, offline_input: OfflineRPNInput,
+    images: Sequence[torch.Tensor],
+) -> List[Instances]:
+    """Proposals for each image, in that image's (unpadded) pixel coordinates.
+
+    images: [3, H_i, W_i] tensors, pixels 0-255 (uint8 or float) in
+    `offline_input.input_format` (pretraining batches in [0, 1] are multiplied by 255 first,
+    as in the original). Returns per image Instances with `proposal_boxes` and raw
+    `objectness_logits`, sorted by logit descending, at most RPN.POST_NMS_TOPK_TEST of them.
+    """
+    batch = ImageList.from_tensors(
+        [offline_input.normalize(x) for x in images], backbone.size_divisibility
+    )
+    return proposal_generator(batch, backbone(batch.tensor))

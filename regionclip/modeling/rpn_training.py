@@ -22,14 +22,10 @@ from ..structures import Boxes, ImageList, Instances, pairwise_iou
 from .box_coder import Box2BoxTransform
 from .losses import smooth_l1_loss
 from .matcher import IGNORE, NEGATIVE, POSITIVE, Matcher, subsample_labels
-from .offline_rpn import OfflineRPNInput, build_rpn_backbone, build_rpn_head
-from .rpn import RPN
+from .rpn import RPN, OfflineRPNInput
 
 logger = logging.getLogger("regionclip")
 
-# Config META_ARCHITECTUREs whose RPN part `build_proposal_network` builds.
-RPN_ARCHITECTURES = ("ProposalNetwork", "GeneralizedRCNN")
-SUPPORTED_BOX_LOSS = "smooth_l1"
 
 
 @dataclass(frozen=True)
@@ -150,13 +146,13 @@ class ProposalNetwork(nn.Module):
     def device(self) -> torch.device:
         return next(self.proposal_generator.parameters()).device
 
-    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+    def preprocess(self, batched_inputs: List[Dict]) -> ImageList:
         images = [self.input_normalization.normalize(x["image"].to(self.device))
                   for x in batched_inputs]
         return ImageList.from_tensors(images, self.backbone.size_divisibility)
 
     def forward(self, batched_inputs: List[Dict]):
-        images = self.preprocess_image(batched_inputs)
+        images = self.preprocess(batched_inputs)
         features = self.backbone(images.tensor)
         if self.training:
             return self.losses(images, features, batched_inputs)
@@ -173,40 +169,3 @@ class ProposalNetwork(nn.Module):
         gt_boxes = [x["instances"].gt_boxes.to(self.device) for x in batched_inputs]
         return batch_rpn_losses(self.proposal_generator, outputs, gt_boxes, images.image_sizes,
                                 self.training_settings)
-
-
-def rpn_training_settings(cfg) -> RPNTraining:
-    rpn = cfg.MODEL.RPN
-    if rpn.BBOX_REG_LOSS_TYPE != SUPPORTED_BOX_LOSS:
-        raise ValueError(f"MODEL.RPN.BBOX_REG_LOSS_TYPE {rpn.BBOX_REG_LOSS_TYPE!r} is not "
-                         f"supported; valid: {SUPPORTED_BOX_LOSS!r}")
-    return RPNTraining(
-        batch_size_per_image=rpn.BATCH_SIZE_PER_IMAGE, positive_fraction=rpn.POSITIVE_FRACTION,
-        iou_thresholds=tuple(rpn.IOU_THRESHOLDS), iou_labels=tuple(rpn.IOU_LABELS),
-        boundary_thresh=rpn.BOUNDARY_THRESH, smooth_l1_beta=rpn.SMOOTH_L1_BETA,
-        objectness_weight=rpn.LOSS_WEIGHT, box_weight=rpn.LOSS_WEIGHT * rpn.BBOX_REG_LOSS_WEIGHT,
-    )
-
-
-def build_proposal_network(cfg) -> ProposalNetwork:
-    """The backbone + RPN of a detectron2 RPN or Mask R-CNN config, trainable.
-
-    A ``GeneralizedRCNN`` config (the original's ``mask_rcnn_*`` files) gets its RPN part only:
-    its ROI box and mask heads are not built, because RegionCLIP uses only the RPN.
-    """
-    arch = cfg.MODEL.META_ARCHITECTURE
-    if arch not in RPN_ARCHITECTURES:
-        raise ValueError(f"An RPN can be built from META_ARCHITECTURE {RPN_ARCHITECTURES}, "
-                         f"not {arch!r}")
-    if arch != "ProposalNetwork" or cfg.MODEL.MASK_ON:
-        logger.info("Building only the RPN (backbone + proposal_generator) of this %s config: "
-                    "RegionCLIP uses only the RPN of such a detector (MODEL.CLIP.BB_RPN_WEIGHTS)"
-                    ", so its ROI box and mask heads are neither built nor trained", arch)
-    backbone = build_rpn_backbone(cfg)
-    generator = build_rpn_head(cfg, backbone.output_shape())
-    normalization = OfflineRPNInput(
-        input_format=cfg.INPUT.FORMAT, format=cfg.INPUT.FORMAT,
-        pixel_mean=tuple(cfg.MODEL.PIXEL_MEAN), pixel_std=tuple(cfg.MODEL.PIXEL_STD),
-    )
-    return ProposalNetwork(backbone=backbone, proposal_generator=generator,
-                           input_normalization=normalization, settings=rpn_training_settings(cfg))

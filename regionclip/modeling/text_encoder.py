@@ -1,36 +1,21 @@
-"""CLIP text tower, tokenizer, class-name prompts and concept-embedding files.
+"""CLIP text tower, the prompt-ensemble class embeddings, and concept-embedding files.
 
 The tower is open_clip's ``TextTransformer`` configured as OpenAI CLIP (QuickGELU, causal
 mask, EOT pooling, bias-free projection). Its parameter names equal the official RegionCLIP
 ``lang_encoder.*`` names; the causal mask is a non-persistent buffer, so it is not in the
 state dict, and there is no ``logit_scale``.
 """
-import json
 import os
-from collections import Counter
-from typing import List, Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
-from open_clip.tokenizer import tokenize as _open_clip_tokenize
 from open_clip.transformer import LayerNormFp32, QuickGELU, TextTransformer
 
 from ..atomic import atomic_open
-from .clip_variants import CLIPVariant
-from .prompt_templates import PROMPT_TEMPLATES, build_prompts, prompt_engineering
+from ..config.variants import CLIPVariant
+from ..prompts import PROMPT_TEMPLATES, build_prompts, tokenize
 
-__all__ = [
-    "PROMPT_TEMPLATES",
-    "TextEncoder",
-    "class_names_from_file",
-    "concept_embeddings",
-    "load_embeddings",
-    "prompt_engineering",
-    "save_embeddings",
-    "tokenize",
-]
-
-CONTEXT_LENGTH = 77
-
+__all__ = ["TextEncoder", "concept_embeddings", "load_embeddings", "save_embeddings"]
 
 class TextEncoder(TextTransformer):
     """OpenAI-CLIP text tower for ``variant``; output width ``variant.embed_dim``."""
@@ -60,17 +45,6 @@ class TextEncoder(TextTransformer):
         return self.encode_text(tokens)
 
 
-def tokenize(texts: Union[str, Sequence[str]], context_length: int = CONTEXT_LENGTH):
-    """CLIP BPE ids, [N, context_length] long, zero-padded.
-
-    Over-long texts: open_clip truncates and puts EOT in the last position; the original
-    truncated and dropped EOT, so EOT pooling then read an arbitrary word. We keep open_clip's
-    behaviour. Prompts built from class names never come close to 77 tokens.
-    """
-    texts = [texts] if isinstance(texts, str) else list(texts)
-    return _open_clip_tokenize(texts, context_length=context_length)
-
-
 @torch.no_grad()
 def concept_embeddings(
     encoder: TextEncoder,
@@ -93,51 +67,6 @@ def concept_embeddings(
         for i in range(0, len(prompts), batch_size)
     ]
     return torch.cat(chunks).view(len(names), len(templates), -1).mean(dim=1)
-
-
-def class_names_from_file(path: str, exclude_rare: bool = False) -> List[str]:
-    """Class names from a txt file (one per line, blank lines skipped) or a COCO/LVIS json.
-
-    json: ``categories`` sorted by id (the datasets' contiguous-id order). LVIS files (whose
-    categories carry ``synset``) get the original's cleaning: ``_`` -> space, parentheses
-    removed. ``exclude_rare`` keeps only LVIS categories whose ``frequency`` is not ``"r"``
-    (the 866 base classes).
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"class-name file not found: {path}")
-    if path.endswith(".json"):
-        names = _names_from_json(path, exclude_rare)
-    else:
-        if exclude_rare:
-            raise ValueError(f"exclude_rare needs an LVIS json, got {path}")
-        with open(path, encoding="utf-8") as f:
-            names = [line.strip() for line in f if line.strip()]
-    _check_names(names, path)
-    return names
-
-
-def _names_from_json(path: str, exclude_rare: bool) -> List[str]:
-    with open(path, encoding="utf-8") as f:
-        categories = json.load(f).get("categories")
-    if not isinstance(categories, list):
-        raise ValueError(f"{path} has no 'categories' list")
-    categories = sorted(categories, key=lambda c: c["id"])
-    is_lvis = any("synset" in c for c in categories)
-    if exclude_rare:
-        if not is_lvis:
-            raise ValueError(f"exclude_rare needs an LVIS json (with 'frequency'), got {path}")
-        categories = [c for c in categories if c["frequency"] != "r"]
-    if not is_lvis:
-        return [c["name"] for c in categories]
-    return [c["name"].replace("_", " ").replace("(", "").replace(")", "") for c in categories]
-
-
-def _check_names(names: List[str], path: str) -> None:
-    if not names:
-        raise ValueError(f"no class names in {path}")
-    duplicates = sorted(n for n, k in Counter(names).items() if k > 1)
-    if duplicates:
-        raise ValueError(f"duplicate class names in {path}: {duplicates}")
 
 
 def save_embeddings(embeddings: torch.Tensor, path: str) -> None:

@@ -1,23 +1,22 @@
 """cfg -> Detic's CustomRCNN and the weak-supervision settings (Detic's key names).
 
-The R50-C4 backbone and RPN are the core's detectron2-compatible ones (`offline_rpn.py`
-builders, here trainable); the RoI head settings shared with RegionCLIP's detectors
-(post-processing, RoI sampling, box loss) come from `modeling/build.py`.
+The second cfg reader of modeling, next to `modeling/build.py`, which calls it: that module's
+builders of the detectron2-compatible ResNet and RPN (here trainable) and of the RoI-head
+settings shared with RegionCLIP's detectors (post-processing, RoI sampling, box loss) are
+passed in, since build.py imports this module.
 """
 import json
 import logging
 import math
 import os
-from typing import Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Type
 
 import torch
 
-from ..box_predictor import InferenceSettings, LossSettings
-from ..clip_variants import get_variant
-from ..offline_rpn import build_rpn_backbone, build_rpn_head
-from ..roi_sampling import RoISampling
-from ..rpn_training import rpn_training_settings
+from ...config.variants import get_variant
+from ..detector import CLIPFastRCNN
 from ..text_encoder import TextEncoder
+from .clip_weak import WeaklySupervisedCLIPFastRCNN
 from .meta_arch import CustomRCNN
 from .predictor import DeticBoxPredictor
 from .roi_heads import DeticRes5ROIHeads, build_res5
@@ -119,27 +118,38 @@ def res5_head(cfg) -> Tuple[torch.nn.Sequential, int]:
     return res5, out_channels
 
 
-def build_custom_rcnn(cfg, inference: InferenceSettings, sampling: RoISampling,
-                      losses: LossSettings) -> CustomRCNN:
-    """Detic's CustomRCNN with CustomRes5ROIHeads (the OV-COCO models)."""
+def clip_detector(cfg) -> Tuple[Type[CLIPFastRCNN], Dict]:
+    """RegionCLIP's detector class and its extra arguments: with ``WITH_IMAGE_LABELS`` the
+    subclass that also learns from image labels and captions (`clip_weak.py`)."""
+    if not cfg.WITH_IMAGE_LABELS:
+        return CLIPFastRCNN, {}
+    check_weak_supervision(cfg)
+    return WeaklySupervisedCLIPFastRCNN, {"weak": weak_supervision(cfg)}
+
+
+def build_custom_rcnn(cfg, build_backbone: Callable, build_rpn: Callable, rpn_training: Callable,
+                      inference: Callable, sampling: Callable, losses: Callable) -> CustomRCNN:
+    """Detic's CustomRCNN with CustomRes5ROIHeads (the OV-COCO models), from the core's
+    builders: ``build_backbone(cfg)``, ``build_rpn(cfg, shapes)`` and the settings functions
+    ``rpn_training``, ``inference``, ``sampling``, ``losses`` of cfg."""
     if cfg.MODEL.ROI_HEADS.NAME != "CustomRes5ROIHeads":
         raise ValueError(f"MODEL.ROI_HEADS.NAME {cfg.MODEL.ROI_HEADS.NAME!r}: CustomRCNN is "
                          "carried with 'CustomRes5ROIHeads' (the R50-C4 OV-COCO models)")
     check_weak_supervision(cfg)
-    backbone = build_rpn_backbone(cfg)
+    backbone = build_backbone(cfg)
     res5, width = res5_head(cfg)
     box_head = cfg.MODEL.ROI_BOX_HEAD
     predictor = DeticBoxPredictor(
         width, zero_shot_classifier(cfg, width), use_sigmoid_ce=box_head.USE_SIGMOID_CE,
         ignore_zero_cats=box_head.IGNORE_ZERO_CATS, freq_weight=class_frequencies(cfg),
-        inference=inference, loss_settings=losses)
+        inference=inference(cfg), loss_settings=losses(cfg))
     roi_heads = DeticRes5ROIHeads(res5, predictor,
                                   box_head.POOLER_RESOLUTION or DEFAULT_POOLER_RESOLUTION,
-                                  sampling, weak_supervision(cfg))
+                                  sampling(cfg), weak_supervision(cfg))
     return CustomRCNN(
-        backbone=backbone, proposal_generator=build_rpn_head(cfg, backbone.output_shape()),
+        backbone=backbone, proposal_generator=build_rpn(cfg, backbone.output_shape()),
         roi_heads=roi_heads, pixel_mean=cfg.MODEL.PIXEL_MEAN, pixel_std=cfg.MODEL.PIXEL_STD,
-        rpn_training=rpn_training_settings(cfg), with_image_labels=cfg.WITH_IMAGE_LABELS,
+        rpn_training=rpn_training(cfg), with_image_labels=cfg.WITH_IMAGE_LABELS,
         text_encoder=caption_text_tower(cfg), fp16=cfg.FP16)
 
 

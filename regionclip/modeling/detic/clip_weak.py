@@ -15,8 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from ..detector import CLIPFastRCNN
-from .weak_losses import WeakSupervision, batch_ann_type, encode_captions, top_proposals
-from .weak_losses import weak_losses
+from .weak_losses import (
+    WeakSupervision,
+    batch_ann_type,
+    encode_captions,
+    top_proposals,
+    weak_losses,
+)
 
 
 class WeaklySupervisedCLIPFastRCNN(CLIPFastRCNN):
@@ -52,9 +57,8 @@ class WeaklySupervisedCLIPFastRCNN(CLIPFastRCNN):
             losses = super().losses(batched_inputs)
             return {**losses, "image_loss": losses["loss_cls"] * 0.0}
         regions = top_proposals(self.get_proposals(batched_inputs), self.weak)
-        res4 = self.backbone(self.preprocess_image(batched_inputs).tensor)["res4"]
-        embeddings = self.roi_heads.embed(res4, [r.proposal_boxes.tensor for r in regions],
-                                          self.backbone.layer4, self.backbone.attnpool)
+        embeddings = self.embed_regions(batched_inputs,
+                                        [r.proposal_boxes.tensor for r in regions])
         predictor = self.roi_heads.box_predictor
         logits, deltas = predictor(embeddings)
         if captions is not None:

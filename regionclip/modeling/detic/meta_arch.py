@@ -69,7 +69,7 @@ class CustomRCNN(nn.Module):
         here on the single predictor of the C4 head); None restores the trained classifier."""
         self.roi_heads.box_predictor.cls_score.set_test_embeddings(embeddings)
 
-    def preprocess_image(self, batched_inputs: Sequence[Dict]) -> ImageList:
+    def preprocess(self, batched_inputs: Sequence[Dict]) -> ImageList:
         images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std
                   for x in batched_inputs]
         return ImageList.from_tensors(images, self.backbone.size_divisibility)
@@ -88,7 +88,7 @@ class CustomRCNN(nn.Module):
         return self.inference(batched_inputs)
 
     def inference(self, batched_inputs: List[Dict]) -> List[Dict]:
-        images = self.preprocess_image(batched_inputs)
+        images = self.preprocess(batched_inputs)
         features = self.extract_features(images)
         proposals = self.proposal_generator(images, features)
         results = self.roi_heads(features, proposals)
@@ -98,7 +98,7 @@ class CustomRCNN(nn.Module):
 
     def losses(self, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
         ann_type = batch_ann_type(batched_inputs) if self.with_image_labels else "box"
-        images = self.preprocess_image(batched_inputs)
+        images = self.preprocess(batched_inputs)
         features = self.extract_features(images)
         captions = encode_captions(self.text_encoder, batched_inputs, ann_type,
                                    self.roi_heads.weak, self.device)

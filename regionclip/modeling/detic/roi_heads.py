@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ...structures import Instances
-from ..region_head import INFERENCE_CHUNK, pool_regions
+from ..clip_resnet import INFERENCE_CHUNK, pool_regions
 from ..resnet_fpn import BottleneckBlock
 from ..roi_sampling import RoISampling, label_and_sample_proposals
 from .predictor import DeticBoxPredictor

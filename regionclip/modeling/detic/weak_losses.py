@@ -21,9 +21,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ...prompts import tokenize
 from ...structures import Boxes, Instances
 from ..pretrain_losses import gather_rows
-from ..text_encoder import TextEncoder, tokenize
+from ..text_encoder import TextEncoder
 
 ANN_TYPES = ("box", "image", "caption", "captiontag")
 IMAGE_LABEL_LOSSES = ("max_size", "max_score", "first", "image")

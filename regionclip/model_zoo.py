@@ -1,4 +1,4 @@
-"""What each official checkpoint is, and what any checkpoint file says about itself.
+"""What each official checkpoint is, where the configs are, and where files are found.
 
 One small record per official file (the torchvision ``Weights.meta`` idea): its variant (and
 so its embedding width and pooler resolution), the official config it is evaluated with, the
@@ -11,15 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from .checkpoint import DETECTRON2, OPENAI_CLIP, visual_arch, read_state_dict
-from .modeling.clip_variants import get_variant
+from .checkpoint import DETECTRON2, OPENAI_CLIP, ZOO_HINT, read_state_dict, visual_arch
+from .config.variants import get_variant
 
-__all__ = ["CONFIGS_ENV", "DETECTOR_WEIGHTS", "RPN_WEIGHTS", "CheckpointContents",
+__all__ = ["CONFIGS_ENV", "DETECTOR_WEIGHTS", "RPN_WEIGHTS", "ZOO_HINT", "CheckpointContents",
            "DetectorWeights", "RPNWeights", "config_path", "find_companion",
            "inspect_checkpoint", "rpn_for_layout"]
 
 CONFIGS_ENV = "REGIONCLIP_CONFIGS"  # folder holding the YAML configs, when not beside the package
-ZOO_HINT = "see MODEL_ZOO.md for the official files and where to put them"
 _COCO, _LVIS = "COCO-InstanceSegmentation/", "LVISv1-InstanceSegmentation/"
 COCO_C4_RPN = _COCO + "mask_rcnn_R_50_C4_1x_ovd_FSD.yaml"
 LVIS_FPN_RPN = _LVIS + "mask_rcnn_R_50_FPN_1x.yaml"

@@ -1,9 +1,16 @@
-"""The original's prompt templates for turning a class name into sentences.
+"""Text before the text tower: the original's prompt templates and CLIP's tokenizer.
 
+Shared by the caption data (``regionclip.data``) and the text tower (``regionclip.modeling``).
 RegionCLIP's ``get_prompt_templates`` returns OpenAI's 80 ImageNet templates in its own
 shuffled order with a bare ``'{}.'`` in front: 81 templates. The order does not change the mean
 embedding, but it is kept so that per-template tensors line up with the original's.
 """
+from typing import Sequence, Union
+
+import torch
+from open_clip.tokenizer import tokenize as _open_clip_tokenize
+
+CONTEXT_LENGTH = 77
 
 PROMPT_TEMPLATES = (
     "{}.",
@@ -98,3 +105,15 @@ def prompt_engineering(name: str, template: str) -> str:
 def build_prompts(name: str, templates=PROMPT_TEMPLATES) -> list:
     """All prompts for one class name, in template order."""
     return [prompt_engineering(name, t) for t in templates]
+
+
+def tokenize(texts: Union[str, Sequence[str]],
+             context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
+    """CLIP BPE ids, [N, context_length] long, zero-padded.
+
+    Over-long texts: open_clip truncates and puts EOT in the last position; the original
+    truncated and dropped EOT, so EOT pooling then read an arbitrary word. We keep open_clip's
+    behaviour. Prompts built from class names never come close to 77 tokens.
+    """
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    return _open_clip_tokenize(texts, context_length=context_length)

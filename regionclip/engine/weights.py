@@ -1,28 +1,91 @@
-"""Checkpoint file -> configured, loaded CLIPFastRCNN, with the official defaults.
+"""Weights into models: the one place that decides what is loaded from which file.
 
-The config, the offline RPN and the text tower follow from the checkpoint's record in
-:mod:`regionclip.weights` or, for other files, from what the file holds; explicit arguments
-win. Used by :class:`regionclip.api.Detector`.
+- :func:`load_weights` (``tools/train_net.py`` and the other tools): ``MODEL.WEIGHTS``, then
+  the offline RPN file ``MODEL.CLIP.BB_RPN_WEIGHTS``, as the original did.
+- :func:`resolve_spec` / :func:`spec_config` / :func:`load_model` (the Python API and the
+  ``regionclip`` command): a checkpoint file alone implies its config, offline RPN and text
+  tower, from its record in :mod:`regionclip.model_zoo` or from what the file holds; explicit
+  arguments win.
+- :func:`load_text_encoder`: the text tower stored in a pretrained or OpenAI CLIP file.
 """
-import logging
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
+from torch import nn
 
-from .checkpoint import DETECTRON2, VOCABULARY_KEYS, CheckpointError, load_checkpoint
-from .config import load_config
-from .modeling.build import build_model
-from .weights import (DETECTOR_WEIGHTS, RPN_WEIGHTS, ZERO_SHOT_CONFIG, ZOO_HINT,
-                      CheckpointContents, DetectorWeights, RPNWeights, config_path,
-                      find_companion, inspect_checkpoint, rpn_for_layout)
-
-logger = logging.getLogger("regionclip")
+from ..checkpoint import (
+    DETECTRON2,
+    VOCABULARY_KEYS,
+    ZOO_HINT,
+    CheckpointError,
+    LoadReport,
+    load_checkpoint,
+)
+from ..config import load_config
+from ..config.variants import CLIPVariant
+from ..model_zoo import (
+    DETECTOR_WEIGHTS,
+    RPN_WEIGHTS,
+    ZERO_SHOT_CONFIG,
+    CheckpointContents,
+    DetectorWeights,
+    RPNWeights,
+    config_path,
+    find_companion,
+    inspect_checkpoint,
+    rpn_for_layout,
+)
+from ..modeling.build import build_model
+from ..modeling.detic.zero_shot_classifier import ZS_WEIGHT_KEY
+from ..modeling.text_encoder import TextEncoder
 
 _OFFLINE_PARTS = ("offline_backbone.", "offline_proposal_generator.")
 
 
+def load_weights(cfg, model: nn.Module, skip_vocabulary: bool = False) -> List[LoadReport]:
+    """``MODEL.WEIGHTS``, then (with RPN proposals) ``MODEL.CLIP.BB_RPN_WEIGHTS``.
+
+    Class embeddings stored in a checkpoint are not loaded where ``MODEL.CLIP.TEXT_EMB_PATH``
+    / ``OPENSET_TEST_TEXT_EMB_PATH`` name a file (the original let a same-sized checkpoint
+    tensor win silently), nor at all with ``skip_vocabulary``.
+    """
+    clip = cfg.MODEL.CLIP
+    protected = VOCABULARY_KEYS if skip_vocabulary else [
+        key for key, path in zip(VOCABULARY_KEYS, (clip.TEXT_EMB_PATH,
+                                                   clip.OPENSET_TEST_TEXT_EMB_PATH)) if path]
+    if skip_vocabulary or cfg.MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH:  # Detic's classifier
+        protected = [*protected, ZS_WEIGHT_KEY]
+    reports = []
+    if cfg.MODEL.WEIGHTS:
+        reports.append(load_checkpoint(model, cfg.MODEL.WEIGHTS, skip_prefixes=protected))
+    if cfg.MODEL.WITH_CAPTION and cfg.MODEL.CAPTION_TEXT_WEIGHTS:  # Detic: the text tower only
+        parts = {key.split(".")[0] for key in model.state_dict()} - {"text_encoder"}
+        reports.append(load_checkpoint(model, cfg.MODEL.CAPTION_TEXT_WEIGHTS,
+                                       skip_prefixes=sorted(parts)))
+    if clip.BB_RPN_WEIGHTS and clip.CROP_REGION_TYPE == "RPN":
+        reports.append(load_checkpoint(model, clip.BB_RPN_WEIGHTS, offline_rpn=True))
+    return reports
+
+
+def load_text_encoder(weights: str, variant: CLIPVariant) -> TextEncoder:
+    """The text tower of ``weights`` (a pretrained RegionCLIP file or OpenAI CLIP weights)."""
+    holder = nn.Module()
+    holder.lang_encoder = TextEncoder(variant)
+    report = load_checkpoint(holder, weights)
+    if report.missing or report.mismatched:
+        raise CheckpointError(
+            f"{weights} holds no complete {variant.name} text tower (lang_encoder.*): "
+            f"{len(report.missing)} tensors missing, {len(report.mismatched)} mismatched. "
+            "Fine-tuned detectors do not carry one; use the pretrained RegionCLIP file or "
+            "OpenAI's CLIP weights of the same variant (see MODEL_ZOO.md).")
+    return holder.lang_encoder.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# A checkpoint file alone
+# ---------------------------------------------------------------------------------------------
 def existing_file(path: str, what: str) -> str:
     """``path`` if it is a file, else FileNotFoundError naming it (and the model zoo)."""
     path = os.fspath(path)
@@ -101,6 +164,7 @@ def spec_config(spec: ModelSpec, device: str, score_threshold: Optional[float] =
                 nms_threshold: Optional[float] = None, max_detections: Optional[int] = None):
     """The config of ``spec``: its YAML, then the derived choices, then the user's values."""
     opts = ["MODEL.CLIP.VARIANT", spec.variant, "MODEL.DEVICE", device,
+            "MODEL.WEIGHTS", spec.weights, "MODEL.CLIP.BB_RPN_WEIGHTS", spec.rpn_weights,
             "MODEL.CLIP.TEXT_EMB_PATH", "", "MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH", ""]
     if spec.rpn is not None:
         opts += ["MODEL.CLIP.CROP_REGION_TYPE", "RPN",
@@ -117,7 +181,7 @@ def spec_config(spec: ModelSpec, device: str, score_threshold: Optional[float] =
     return load_config(spec.config, [str(v) for v in opts])
 
 
-def _check_loaded(report, parts: Sequence[str], what: str, hint: str) -> None:
+def _check_loaded(report: LoadReport, parts: Sequence[str], what: str, hint: str) -> None:
     bad = [k for k in report.missing if k.startswith(tuple(parts))]
     bad += [k for k, _, _ in report.mismatched if k.startswith(tuple(parts))]
     if bad:
@@ -126,16 +190,14 @@ def _check_loaded(report, parts: Sequence[str], what: str, hint: str) -> None:
 
 
 def load_model(spec: ModelSpec, cfg) -> torch.nn.Module:
-    """Build the detector of ``cfg`` and load ``spec``'s weights (eval mode).
+    """Build the detector of ``cfg`` (:func:`spec_config`) and load its weights (eval mode).
 
     Stored class embeddings are not loaded: the vocabulary is always set by the caller.
     """
     model = build_model(cfg)
-    report = load_checkpoint(model, spec.weights, skip_prefixes=VOCABULARY_KEYS)
-    _check_loaded(report, ("backbone.",), "CLIP image trunk", "use a RegionCLIP checkpoint")
-    if spec.rpn is not None and spec.rpn_weights:
-        report = load_checkpoint(model, spec.rpn_weights, offline_rpn=True)
+    reports = load_weights(cfg, model, skip_vocabulary=True)
+    _check_loaded(reports[0], ("backbone.",), "CLIP image trunk", "use a RegionCLIP checkpoint")
     if spec.rpn is not None:
-        _check_loaded(report, _OFFLINE_PARTS, f"offline RPN built from {spec.rpn.config}",
+        _check_loaded(reports[-1], _OFFLINE_PARTS, f"offline RPN built from {spec.rpn.config}",
                       "pass the matching rpn_config (and rpn_weights)")
     return model.eval()
