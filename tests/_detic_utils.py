@@ -142,3 +142,27 @@ def tiny_detic_data(root) -> Tuple[str, str, str]:
     json_file, image_dir = make_coco_dataset(root, num_images=6, image_size=(64, 96),
                                              boxes_per_image=2)
     return json_file, image_label_json(Path(root) / "labels.json", json_file), image_dir
+
+
+def recorded_training(argv, record_file):
+    """train_net ``argv`` in this process, writing the ``ann_type`` of each of its training
+    batches to ``record_file`` + rank (for the multi-process test)."""
+    import torch as _torch
+
+    from regionclip.distributed import get_rank
+    from regionclip.engine.defaults import default_argument_parser, main
+    from regionclip.modeling.detic.meta_arch import CustomRCNN
+
+    _torch.set_num_threads(1)
+    seen, losses = [], CustomRCNN.losses
+
+    def recording(model, batch):
+        seen.append(batch[0].get("ann_type", "box"))
+        return losses(model, batch)
+
+    CustomRCNN.losses = recording
+    try:
+        main(default_argument_parser().parse_args([str(a) for a in argv]))
+    finally:
+        CustomRCNN.losses = losses
+    write_json(f"{record_file}.{get_rank()}", seen)
