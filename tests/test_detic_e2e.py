@@ -168,8 +168,8 @@ def test_detic_modes_train_from_boxsup_and_resume_exactly(world, trained, name, 
 
     def recording(model, batch):
         result = losses(model, batch)
-        seen.append((batch[0]["ann_type"], float(result["image_loss"]),
-                     float(result["loss_cls"])))
+        seen.append((batch[0]["ann_type"], float(result["image_loss"].detach()),
+                     float(result["loss_cls"].detach())))
         return result
 
     monkeypatch.setattr(CustomRCNN, "losses", recording)
