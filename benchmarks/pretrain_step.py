@@ -25,14 +25,13 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _common import norms_from_inputs, time_steps
 
 from regionclip.config import load_config
 from regionclip.engine.trainer import build_trainer
 from regionclip.modeling.build import build_model
 from regionclip.modeling.text_encoder import save_embeddings
 from regionclip.prompts import tokenize
-
-from _common import norms_from_inputs, time_steps
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 IMAGE_HW = (800, 1067)

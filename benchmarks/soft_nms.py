@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from regionclip.modeling.soft_nms import batched_soft_nms
+from regionclip.modeling.box_predictor import batched_soft_nms
 
 IMAGE_HW = (800, 1333)
 NUM_OBJECTS = 30  # proposal clusters: RPN boxes crowd around objects

@@ -18,13 +18,12 @@ import sys
 from pathlib import Path
 
 import torch
+from _common import time_steps
 
 from regionclip.config import load_config
 from regionclip.engine.trainer import build_trainer
 from regionclip.modeling.build import build_model
 from regionclip.structures import Boxes, Instances
-
-from _common import time_steps
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "COCO-InstanceSegmentation"
 IMAGE_HW = (800, 1067)

@@ -24,12 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+from _common import norms_from_inputs, peak_memory_mib, peak_rss_mib, sync
 
 from regionclip.config import load_config
 from regionclip.modeling.build import build_model
 from regionclip.structures import Boxes, Instances
-
-from _common import norms_from_inputs, peak_memory_mib, peak_rss_mib, sync
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "LVISv1-InstanceSegmentation"
 IMAGE_HW = (800, 1333)

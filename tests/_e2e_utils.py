@@ -19,9 +19,9 @@ import torch
 from _rpn_utils import build_from_file
 from PIL import Image
 
+from regionclip.config.variants import get_variant
 from regionclip.data import coco_ovd
 from regionclip.modeling.clip_resnet import CLIPResNet
-from regionclip.config.variants import get_variant
 from regionclip.modeling.text_encoder import TextEncoder
 
 REPO = Path(__file__).resolve().parents[1]

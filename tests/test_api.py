@@ -6,19 +6,29 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _api_utils import (CLASSES, REPO, TINY, TINY_CONFIG, TINY_RPN_CONFIG, save_finetuned,
-                        save_pretrained, scene, tiny_detector, write_mixed_images)
+from _api_utils import (
+    CLASSES,
+    REPO,
+    TINY,
+    TINY_CONFIG,
+    TINY_RPN_CONFIG,
+    save_finetuned,
+    save_pretrained,
+    scene,
+    tiny_detector,
+    write_mixed_images,
+)
 from _checkpoint_utils import finetuned_shapes, make_state_dict, prefixed, text_shapes
 from _data_utils import make_coco_dataset
 from PIL import Image
 
 from regionclip.checkpoint import CheckpointMismatchError, save_checkpoint
-from regionclip.evaluation.results import instances_to_coco_json
 from regionclip.config.variants import get_variant
+from regionclip.engine.weights import resolve_spec
+from regionclip.evaluation.results import instances_to_coco_json
+from regionclip.model_zoo import DETECTOR_WEIGHTS, RPN_WEIGHTS, config_path, inspect_checkpoint
 from regionclip.modeling.text_encoder import save_embeddings
 from regionclip.vocabulary import ClassNameEncoder
-from regionclip.engine.weights import resolve_spec
-from regionclip.model_zoo import DETECTOR_WEIGHTS, RPN_WEIGHTS, config_path, inspect_checkpoint
 
 FUSED = ["MODEL.CLIP.MULTIPLY_RPN_SCORE", "True"]  # exercise the original's score fusion too
 KEEP_ALL = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]  # the random tiny CLIP is unsure

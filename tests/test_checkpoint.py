@@ -9,9 +9,6 @@ import zipfile
 
 import pytest
 import torch
-from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-from torch import nn
-
 from _checkpoint_utils import (
     box_predictor_shapes,
     clip_resnet_shapes,
@@ -27,6 +24,9 @@ from _checkpoint_utils import (
     r50_fpn_rpn_shapes,
     read_tsv,
 )
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+from torch import nn
+
 from regionclip.checkpoint import (
     VOCABULARY_KEYS,
     CheckpointError,
@@ -35,8 +35,8 @@ from regionclip.checkpoint import (
     read_state_dict,
     save_checkpoint,
 )
-from regionclip.modeling.clip_resnet import CLIPResNet
 from regionclip.config.variants import get_variant
+from regionclip.modeling.clip_resnet import CLIPResNet
 from regionclip.modeling.text_encoder import TextEncoder
 
 # Loading into a meta-device target checks names and shapes without allocating; torch warns

@@ -10,8 +10,17 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from _api_utils import (CLASSES, REPO, TINY, TINY_CONFIG, TINY_RPN_CONFIG, save_pretrained,
-                        scene, tiny_detector, write_mixed_images)
+from _api_utils import (
+    CLASSES,
+    REPO,
+    TINY,
+    TINY_CONFIG,
+    TINY_RPN_CONFIG,
+    save_pretrained,
+    scene,
+    tiny_detector,
+    write_mixed_images,
+)
 from PIL import Image
 from pycocotools.coco import COCO
 

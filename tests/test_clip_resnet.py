@@ -2,8 +2,8 @@ import pytest
 import torch
 from _clip_utils import official_backbone_shapes, openclip_reference, visual_state_dict
 
-from regionclip.modeling.clip_resnet import CLIPResNet, convert_frozen_batchnorm
 from regionclip.config.variants import get_variant
+from regionclip.modeling.clip_resnet import CLIPResNet, convert_frozen_batchnorm
 from regionclip.ops import FrozenBatchNorm2d
 
 STEM = ("conv1", "conv2", "conv3")

@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 import torch
+from _data_utils import make_coco_dataset, make_lvis_dataset
+from _tool_utils import load_tool
 from fvcore.transforms.transform import HFlipTransform, NoOpTransform
 from PIL import Image
-
-from _data_utils import make_coco_dataset, make_lvis_dataset
 
 from regionclip.data import catalog, coco_ovd
 from regionclip.data.coco import load_coco_json, load_image_folder, load_lvis_json
@@ -25,7 +25,6 @@ from regionclip.data.transforms import (
     transform_boxes_xyxy,
 )
 from regionclip.structures import BoxMode
-from _tool_utils import load_tool
 
 EXIF_ORIENTATION = 0x0112
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from _rpn_utils import TINY_FPN, randomize_
 
 from regionclip.config import load_config
-from regionclip.modeling.build import build_model
 from regionclip.config.variants import get_variant
+from regionclip.modeling.build import build_model
 from regionclip.modeling.detector import postprocess
-from regionclip.modeling.mask_head import paste_masks
+from regionclip.modeling.region_head import paste_masks
 from regionclip.modeling.text_encoder import save_embeddings
 from regionclip.ops import nms, roi_align  # torchvision's
 from regionclip.structures import Boxes, Instances

@@ -21,10 +21,7 @@ from regionclip.engine.defaults import auto_output_dir
 from regionclip.engine.weights import load_weights
 from regionclip.modeling.build import build_model
 from regionclip.modeling.detic.build import test_classifier as detic_test_classifier
-from regionclip.modeling.detic.zero_shot_classifier import (
-    ZeroShotClassifier,
-    load_class_embeddings,
-)
+from regionclip.modeling.detic.zero_shot_classifier import ZeroShotClassifier, load_class_embeddings
 
 
 def _shapes(model):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from _data_utils import make_coco_dataset
 from _engine_utils import ToyModel, make_trainer, read_json_lines, record_losses
+from _tool_utils import run_train_net
 from torch import nn
 
 from regionclip.checkpoint import read_checkpoint
@@ -25,7 +26,6 @@ from regionclip.engine.solver import (
     optimizer_param_groups,
 )
 from regionclip.engine.trainer import last_checkpoint_path
-from _tool_utils import run_train_net
 
 REPO = Path(__file__).resolve().parents[1]
 

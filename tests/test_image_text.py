@@ -10,9 +10,6 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader
-
 from _image_text_utils import (
     caption,
     encode_jpeg,
@@ -24,6 +21,9 @@ from _image_text_utils import (
     write_tsv_dataset,
     write_webdataset,
 )
+from PIL import Image
+from torch.utils.data import DataLoader
+
 from regionclip.config import ConfigError, get_cfg
 from regionclip.data.image_text import (
     ImageTextDataset,

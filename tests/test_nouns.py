@@ -6,8 +6,9 @@ import types
 from collections import Counter
 
 import pytest
-
 from _image_text_utils import caption, write_jsonl_dataset, write_tsv_dataset, write_webdataset
+from _tool_utils import load_tool
+
 from regionclip.data.coco_ovd import ALL_CATEGORIES
 from regionclip.data.nouns import (
     build_concept_nouns,
@@ -20,7 +21,6 @@ from regionclip.data.nouns import (
     plural_forms,
     select_nouns,
 )
-from _tool_utils import load_tool
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCABULARY = ["dog", "person", "bus", "hot dog", "knife", "cherry", "teddy bear", "bear",

@@ -25,6 +25,7 @@ from _data_utils import make_coco_dataset
 from _e2e_utils import module_state_shapes, sane_state_dict, save_checkpoint_file
 from _image_text_utils import write_jsonl_dataset, write_tsv_dataset, write_webdataset
 from _rpn_utils import build_from_file
+from _tool_utils import load_tool, run_train_net
 
 from regionclip.checkpoint import read_checkpoint
 from regionclip.config import load_config
@@ -35,7 +36,6 @@ from regionclip.modeling.build import build_model
 from regionclip.modeling.pretrainer import LOSS_KEYS
 from regionclip.modeling.text_encoder import save_embeddings
 from regionclip.structures import ImageList
-from _tool_utils import load_tool, run_train_net
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN_CONFIG = REPO / "configs" / "pretrain" / "RegionCLIP_RN50.yaml"

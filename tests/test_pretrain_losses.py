@@ -7,10 +7,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from regionclip.modeling.pretrain_losses import image_text_contrastive
-from regionclip.modeling.pretrain_losses import region_concept_contrastive
-from regionclip.modeling.pretrain_losses import region_concept_distillation
-from regionclip.modeling.pseudo_labels import pseudo_concept_labels
+from regionclip.modeling.pretrain_losses import (
+    image_text_contrastive,
+    pseudo_concept_labels,
+    region_concept_contrastive,
+    region_concept_distillation,
+)
 
 LN = math.log
 

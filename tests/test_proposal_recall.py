@@ -8,6 +8,7 @@ import pytest
 import torch
 import torchvision
 from _data_utils import make_coco_dataset
+from _tool_utils import run_train_net
 from PIL import Image
 
 from regionclip.checkpoint import save_checkpoint
@@ -18,7 +19,6 @@ from regionclip.evaluation import ProposalRecallEvaluator
 from regionclip.evaluation.proposals import greedy_matched_overlaps
 from regionclip.modeling.build import build_model
 from regionclip.structures import Boxes, BoxMode, Instances
-from _tool_utils import run_train_net
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

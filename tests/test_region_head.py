@@ -10,11 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from regionclip.config.variants import get_variant
 from regionclip.modeling.box_predictor import InferenceSettings, TextEmbeddingPredictor
 from regionclip.modeling.clip_resnet import CLIPResNet, pool_regions
-from regionclip.config.variants import get_variant
-from regionclip.modeling.mask_head import MaskHead, paste_masks
-from regionclip.modeling.region_head import RegionHead
+from regionclip.modeling.region_head import MaskHead, RegionHead, paste_masks
 from regionclip.ops import roi_align  # torchvision's
 from regionclip.structures import Boxes, Instances
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from regionclip.modeling.box_coder import Box2BoxTransform
-from regionclip.modeling.roi_sampling import (
+from regionclip.modeling.matcher import (
     GT_OBJECTNESS_LOGIT,
     RoISampling,
     label_and_sample_proposals,

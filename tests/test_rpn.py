@@ -5,19 +5,30 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from _rpn_utils import (
+    COCO_C4,
+    LVIS_FPN,
+    TINY_C4,
+    TINY_FPN,
+    build_from_file,
+    main_cfg,
+    official_c4_rpn_shapes,
+    official_fpn_rpn_shapes,
+    randomize_,
+    rpn_cfg,
+    shapes_of,
+)
 from torch import nn
 
 from regionclip.modeling.build import build_offline_rpn, is_unit_scale, offline_rpn_cfg
 from regionclip.modeling.resnet_fpn import BottleneckBlock, build_resnet
 from regionclip.modeling.rpn import (
-    DefaultAnchorGenerator, OfflineRPNInput, cell_anchors, offline_proposals,
+    DefaultAnchorGenerator,
+    OfflineRPNInput,
+    cell_anchors,
+    offline_proposals,
 )
 from regionclip.ops import FrozenBatchNorm2d
-
-from _rpn_utils import (
-    COCO_C4, LVIS_FPN, TINY_C4, TINY_FPN, build_from_file, main_cfg, official_c4_rpn_shapes,
-    official_fpn_rpn_shapes, randomize_, rpn_cfg, shapes_of,
-)
 
 DETECTRON2_BGR_MEAN = (103.530, 116.280, 123.675)
 SCALE_CLAMP = math.log(1000.0 / 16)

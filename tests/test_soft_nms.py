@@ -3,7 +3,8 @@ import math
 
 import pytest
 import torch
-from regionclip.modeling.soft_nms import batched_soft_nms
+
+from regionclip.modeling.box_predictor import batched_soft_nms
 from regionclip.ops import batched_nms, box_iou  # torchvision's, the independent reference
 
 

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from _checkpoint_utils import pretrained_shapes
 from _clip_utils import openclip_reference, text_state_dict
 from _data_utils import make_coco_dataset, make_lvis_dataset
-from _tool_utils import load_tool, run_train_net
 from _e2e_utils import (
     TINY_CONFIG,
     TINY_RPN_FPN,
@@ -36,6 +35,7 @@ from _e2e_utils import (
     tiny_checkpoint,
     write_json,
 )
+from _tool_utils import load_tool, run_train_net
 from lvis import LVIS, LVISEval, LVISResults
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from PIL import Image
@@ -48,8 +48,8 @@ from regionclip.data.catalog import get_metadata
 from regionclip.data.coco import load_image_folder
 from regionclip.data.image_io import ImageReadError, read_image
 from regionclip.data.mapper import build_inference_mapper
-from regionclip.evaluation.lvis import lvis_numpy_compat
 from regionclip.engine.weights import load_weights
+from regionclip.evaluation.lvis import lvis_numpy_compat
 from regionclip.modeling.build import build_model
 from regionclip.structures import Boxes, Instances
 from regionclip.visualization import draw_predictions, select_predictions

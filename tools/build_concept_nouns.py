@@ -34,6 +34,7 @@ import argparse
 import logging
 import os
 
+from regionclip.data.coco import class_names_from_file
 from regionclip.data.nouns import (
     CAPTION_FORMATS,
     build_concept_nouns,
@@ -41,7 +42,6 @@ from regionclip.data.nouns import (
     iter_caption_texts,
     load_noun_parser,
 )
-from regionclip.data.coco import class_names_from_file
 
 logger = logging.getLogger("regionclip.nouns")
 

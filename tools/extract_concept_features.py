@@ -9,8 +9,8 @@ import os
 import torch
 
 from regionclip.config import load_config, resolve_clip_variant
-from regionclip.engine.defaults import default_argument_parser, setup_logging
 from regionclip.data.coco import class_names_from_file
+from regionclip.engine.defaults import default_argument_parser, setup_logging
 from regionclip.modeling.text_encoder import save_embeddings
 from regionclip.vocabulary import ClassNameEncoder
 

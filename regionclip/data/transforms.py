@@ -5,12 +5,7 @@ same transform is then applied to the image and to its boxes, so both always agr
 """
 
 import numpy as np
-from fvcore.transforms.transform import (
-    HFlipTransform,
-    NoOpTransform,
-    ScaleTransform,
-    TransformList,
-)
+from fvcore.transforms.transform import HFlipTransform, NoOpTransform, ScaleTransform, TransformList
 from PIL import Image
 
 _PIL_INTERPOLATION = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST}

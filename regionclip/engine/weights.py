@@ -15,13 +15,28 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..checkpoint import (DETECTRON2, VOCABULARY_KEYS, ZOO_HINT, CheckpointError, LoadReport,
-                          load_checkpoint)
+from ..checkpoint import (
+    DETECTRON2,
+    VOCABULARY_KEYS,
+    ZOO_HINT,
+    CheckpointError,
+    LoadReport,
+    load_checkpoint,
+)
 from ..config import load_config
 from ..config.variants import CLIPVariant
-from ..model_zoo import (DETECTOR_WEIGHTS, RPN_WEIGHTS, ZERO_SHOT_CONFIG, CheckpointContents,
-                         DetectorWeights, RPNWeights, config_path, find_companion,
-                         inspect_checkpoint, rpn_for_layout)
+from ..model_zoo import (
+    DETECTOR_WEIGHTS,
+    RPN_WEIGHTS,
+    ZERO_SHOT_CONFIG,
+    CheckpointContents,
+    DetectorWeights,
+    RPNWeights,
+    config_path,
+    find_companion,
+    inspect_checkpoint,
+    rpn_for_layout,
+)
 from ..modeling.build import build_model
 from ..modeling.detic.zero_shot_classifier import ZS_WEIGHT_KEY
 from ..modeling.text_encoder import TextEncoder

@@ -18,11 +18,10 @@ from .box_predictor import InferenceSettings, LossSettings, TextEmbeddingPredict
 from .clip_resnet import CLIPResNet
 from .detector import CLIPFastRCNN
 from .detic.build import build_custom_rcnn, clip_detector
-from .mask_head import MaskHead
+from .matcher import RoISampling
 from .pretrainer import LOSS_NAMES, REGION_LOSSES, PretrainFastRCNN
-from .region_head import RegionHead
+from .region_head import MaskHead, RegionHead
 from .resnet_fpn import FPN, ResNet, ShapeSpec, build_resnet
-from .roi_sampling import RoISampling
 from .rpn import RPN, DefaultAnchorGenerator, OfflineRPNInput, StandardRPNHead
 from .rpn_training import ProposalNetwork, RPNTraining
 from .text_encoder import TextEncoder, load_embeddings

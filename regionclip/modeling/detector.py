@@ -11,9 +11,8 @@ import torch
 from torch import nn
 
 from ..structures import Boxes, ImageList, Instances
-from .mask_head import paste_masks
+from .region_head import RegionHead, paste_masks
 from .rpn import OfflineRPNInput, offline_proposals
-from .region_head import RegionHead
 
 PROPOSAL_SOURCES = ("GT", "RPN")
 

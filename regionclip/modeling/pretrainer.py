@@ -19,10 +19,14 @@ from torch import nn
 
 from ..structures import ImageList
 from .clip_resnet import CLIPResNet
+from .pretrain_losses import (
+    DEFAULT_TEMPERATURE,
+    image_text_contrastive,
+    pseudo_concept_labels,
+    region_concept_contrastive,
+    region_concept_distillation,
+)
 from .rpn import OfflineRPNInput, offline_proposals
-from .pretrain_losses import DEFAULT_TEMPERATURE, image_text_contrastive
-from .pretrain_losses import region_concept_contrastive, region_concept_distillation
-from .pseudo_labels import pseudo_concept_labels
 from .text_encoder import TextEncoder
 
 # Loss switch name -> the key of the returned loss dict.

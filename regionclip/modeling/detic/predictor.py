@@ -17,7 +17,7 @@ from ...structures import Instances
 from ..box_coder import Box2BoxTransform
 from ..box_predictor import InferenceSettings, LossSettings, detect_single_image, predict_boxes
 from ..losses import box_regression_loss
-from ..roi_sampling import regression_targets
+from ..matcher import regression_targets
 from .zero_shot_classifier import ZeroShotClassifier
 
 # A class counts as seen in training when its frequency weight exceeds this (Detic's cut-off).

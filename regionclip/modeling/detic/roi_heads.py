@@ -1,7 +1,7 @@
 """Detic's ``CustomRes5ROIHeads``: RoIAlign on res4 -> res5 -> spatial mean -> predictor.
 
 detectron2's ``Res5ROIHeads`` with Detic's image-labelled path: box batches sample RoIs
-against the ground truth (`roi_sampling.py`), image-labelled batches score the top proposals
+against the ground truth (`matcher.py`), image-labelled batches score the top proposals
 and the image box (`weak_losses.py`). State-dict names: ``res5.{0,1,2}.*`` (MSRA bottlenecks,
 stride 2 in the first) and ``box_predictor.*``.
 """
@@ -12,8 +12,8 @@ from torch import nn
 
 from ...structures import Instances
 from ..clip_resnet import INFERENCE_CHUNK, pool_regions
+from ..matcher import RoISampling, label_and_sample_proposals
 from ..resnet_fpn import BottleneckBlock
-from ..roi_sampling import RoISampling, label_and_sample_proposals
 from .predictor import DeticBoxPredictor
 from .weak_losses import CaptionBatch, WeakSupervision, top_proposals, weak_losses
 
