@@ -2,10 +2,11 @@
 
 One converter per source format, chosen by the file's key signature (never by its name):
 ``regionclip`` (RegionCLIP detectors, and ``*_OAI_CLIP.pth`` files stored in their names),
-``detectron2`` (plain detectors: the ``rpn_*.pth`` files of ``MODEL.CLIP.BB_RPN_WEIGHTS``) and
-``openai_clip`` (``visual.*`` + text tower, as a TorchScript archive or a state dict). Keys are
-renamed with explicit prefix tables and loaded non-strictly by exact name; the CLIP variant of
-every CLIP part is derived from tensor shapes and checked against the model first.
+``detectron2`` (plain detectors: the ``rpn_*.pth`` files of ``MODEL.CLIP.BB_RPN_WEIGHTS``),
+``detic`` (Detic's CustomRCNN, with ``zs_weight``) and ``openai_clip`` (``visual.*`` + text
+tower, as a TorchScript archive or a state dict). Keys are renamed with explicit prefix tables
+and loaded non-strictly by exact name; the CLIP variant of every CLIP part is derived from
+tensor shapes and checked against the model first.
 """
 import math
 import os
@@ -27,7 +28,7 @@ __all__ = ["CheckpointError", "CheckpointMismatchError", "LoadReport", "VOCABULA
            "check_architecture", "detect_format", "load_checkpoint",
            "read_checkpoint", "read_state_dict", "save_checkpoint"]
 
-REGIONCLIP, DETECTRON2, OPENAI_CLIP = "regionclip", "detectron2", "openai_clip"
+REGIONCLIP, DETECTRON2, OPENAI_CLIP, DETIC = "regionclip", "detectron2", "openai_clip", "detic"
 # The classifier's text embeddings: pass as `skip_prefixes` so a user's vocabulary file wins
 # over the embeddings a fine-tuned checkpoint carries (the original let the checkpoint win).
 VOCABULARY_KEYS = ("roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.test_cls_score")
@@ -133,13 +134,13 @@ def detect_format(state_dict: Mapping[str, Any], path: str = "checkpoint") -> st
     tops = _tops(state_dict)
     if "visual" in tops or "token_embedding" in tops:
         return OPENAI_CLIP
-    if {"backbone", "proposal_generator"} <= tops:
-        return DETECTRON2
+    if {"backbone", "proposal_generator"} <= tops:  # Detic's have a zero-shot classifier
+        return DETIC if any(k.endswith(".zs_weight") for k in state_dict) else DETECTRON2
     if tops & set(_REGIONCLIP_PARTS):
         return REGIONCLIP
     raise CheckpointError(
         f"{path}: unknown checkpoint layout, top-level prefixes {sorted(tops)}; expected "
-        f"RegionCLIP ({', '.join(_REGIONCLIP_PARTS)}), detectron2 (backbone, "
+        f"RegionCLIP ({', '.join(_REGIONCLIP_PARTS)}), detectron2 or Detic (backbone, "
         "proposal_generator, roi_heads) or OpenAI CLIP (visual, transformer, token_embedding)")
 
 
@@ -168,11 +169,13 @@ def _convert_detector(state_dict, model_tops, offline_rpn: bool):
 
 
 def _convert_openai(state_dict, model_tops, offline_rpn: bool):
-    """visual -> backbone (and the teacher, when the model has one); text -> lang_encoder."""
+    """visual -> backbone (and teacher_backbone); text -> lang_encoder (Detic: text_encoder)."""
     if offline_rpn:
         raise CheckpointError("OpenAI CLIP weights hold no RPN; use them as MODEL.WEIGHTS")
     visual = ("backbone",) + (("teacher_backbone",) if "teacher_backbone" in model_tops else ())
-    prefix_map = {"visual": visual, **{t: (f"lang_encoder.{t}",) for t in _OPENAI_TEXT}}
+    text = "text_encoder" if "text_encoder" in model_tops else "lang_encoder"
+    visual = ("visual",) if text == "text_encoder" else visual  # Detic: image tower unused
+    prefix_map = {"visual": visual, **{t: (f"{text}.{t}",) for t in _OPENAI_TEXT}}
     dropped = [(k, _OPENAI_DROPPED[k]) for k in state_dict if k in _OPENAI_DROPPED]
     kept = {k: v for k, v in state_dict.items() if k not in _OPENAI_DROPPED}
     mapped, _ = _remap(kept, prefix_map, None)
@@ -180,7 +183,7 @@ def _convert_openai(state_dict, model_tops, offline_rpn: bool):
 
 
 _CONVERTERS = {REGIONCLIP: _convert_detector, DETECTRON2: _convert_detector,
-               OPENAI_CLIP: _convert_openai}
+               DETIC: _convert_detector, OPENAI_CLIP: _convert_openai}
 
 
 def _tops(keys) -> set:

@@ -38,6 +38,7 @@ from ..evaluation import ProposalRecallEvaluator, build_evaluator
 from ..evaluation.inference import inference_on_dataset
 from ..evaluation.results import write_json_atomic
 from ..modeling.build import build_model
+from ..modeling.detic.build import test_classifier
 from .output_dir import OutputDirLock, check_previous_run, tidy
 from .solver import auto_scale_batch, auto_scale_workers
 from .trainer import build_trainer, last_checkpoint_path
@@ -114,6 +115,13 @@ def seed_everything(seed: int) -> int:
     return seed
 
 
+def auto_output_dir(output_dir: str, config_file: str) -> str:
+    """Detic's convention: a path component ``auto`` becomes the config file's name, so that
+    configs sharing a base write to different folders."""
+    name = os.path.splitext(os.path.basename(config_file))[0]
+    return "/".join(name if part == "auto" else part for part in output_dir.split("/"))
+
+
 @contextlib.contextmanager
 def setup(args):
     """``with setup(args) as cfg:`` the run's config, with OUTPUT_DIR held by this run for
@@ -124,6 +132,7 @@ def setup(args):
     without touching it.
     """
     cfg = load_config(args.config_file, args.opts)
+    cfg.OUTPUT_DIR = auto_output_dir(cfg.OUTPUT_DIR, args.config_file)
     cfg.freeze()
     owner = is_main_process() and bool(cfg.OUTPUT_DIR)
     training = not args.eval_only
@@ -168,7 +177,9 @@ def test(cfg, model) -> dict:
     proposals_only = not hasattr(model, "roi_heads")
     mapper = build_inference_mapper(cfg, keep_annotations=proposals_only)
     model.eval()
-    for name in cfg.DATASETS.TEST:
+    for index, name in enumerate(cfg.DATASETS.TEST):
+        if cfg.MODEL.RESET_CLS_TESTS:  # Detic: one classifier per test dataset
+            model.set_test_classifier(test_classifier(cfg, index))
         check_vocabulary(model, name)
         records = get_dataset_dicts(name, input_dir=cfg.INPUT_DIR)
         loader = build_test_loader(records, mapper, cfg.DATALOADER.NUM_WORKERS)

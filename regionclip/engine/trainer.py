@@ -378,7 +378,8 @@ def build_trainer(cfg, model: nn.Module, data_loader, eval_fn=None, **options) -
         eval_period=cfg.TEST.EVAL_PERIOD,
         eval_fn=eval_fn,
         clip_gradients=build_gradient_clipper(cfg),
-        amp=cfg.SOLVER.AMP.ENABLED,
+        # Detic's FP16: mixed precision with a gradient scaler, on CUDA only
+        amp=cfg.SOLVER.AMP.ENABLED or (cfg.FP16 and next(model.parameters()).is_cuda),
     )
     kwargs.update(options)
     return Trainer(model, data_loader, optimizer, build_lr_scheduler(cfg, optimizer), **kwargs)

@@ -32,6 +32,7 @@ from ..model_zoo import (
     rpn_for_layout,
 )
 from ..modeling.build import build_model
+from ..modeling.detic.zero_shot_classifier import ZS_WEIGHT_KEY
 from ..modeling.region_head import missing_by_design
 from ..modeling.text_encoder import TextEncoder
 
@@ -51,6 +52,8 @@ def load_weights(cfg, model: nn.Module, skip_vocabulary: bool = False,
     protected = VOCABULARY_KEYS if skip_vocabulary else [
         key for key, path in zip(VOCABULARY_KEYS, (clip.TEXT_EMB_PATH,
                                                    clip.OPENSET_TEST_TEXT_EMB_PATH)) if path]
+    if skip_vocabulary or cfg.MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH:  # Detic's classifier
+        protected = [*protected, ZS_WEIGHT_KEY]
     rpn_file = clip.BB_RPN_WEIGHTS if clip.CROP_REGION_TYPE == "RPN" else ""
     by_design = missing_by_design(model, training)
     by_design.update({p.rstrip("."): f"loaded next from {rpn_file}"
@@ -59,6 +62,10 @@ def load_weights(cfg, model: nn.Module, skip_vocabulary: bool = False,
     if cfg.MODEL.WEIGHTS:
         reports.append(load_checkpoint(model, cfg.MODEL.WEIGHTS, skip_prefixes=protected,
                                        by_design=by_design))
+    if cfg.MODEL.WITH_CAPTION and cfg.MODEL.CAPTION_TEXT_WEIGHTS:  # Detic: the text tower only
+        parts = {key.split(".")[0] for key in model.state_dict()} - {"text_encoder"}
+        reports.append(load_checkpoint(model, cfg.MODEL.CAPTION_TEXT_WEIGHTS,
+                                       skip_prefixes=sorted(parts)))
     if rpn_file:
         reports.append(load_checkpoint(model, rpn_file, offline_rpn=True))
     return reports

@@ -71,7 +71,7 @@ def region_concept_contrastive(
     return -torch.logsumexp(log_probs + label_matrix.float().log(), dim=1).mean()
 
 
-def _gather_rows(x: torch.Tensor) -> torch.Tensor:
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """All processes' rows of ``x`` concatenated in rank order, with gradients.
 
     Per-process row counts may differ: they are exchanged first, every process pads to the
@@ -111,7 +111,7 @@ def image_text_contrastive(
     image = F.normalize(image_emb.float(), dim=1)
     text = F.normalize(text_emb.float(), dim=1)
     if gather and get_world_size() > 1:
-        image, text = _gather_rows(image), _gather_rows(text)
+        image, text = gather_rows(image), gather_rows(text)
     if image.shape[0] == 0:
         return _zero_loss(image_emb, text_emb)
     logits = image @ text.t() / temperature

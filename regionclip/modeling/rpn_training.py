@@ -84,6 +84,18 @@ def rpn_losses(anchors: Boxes, logits: torch.Tensor, deltas: torch.Tensor, label
             "loss_rpn_loc": box_loss / normalizer * settings.box_weight}
 
 
+def batch_rpn_losses(rpn: RPN, head_outputs, gt_boxes: Sequence[Boxes], image_sizes,
+                     settings: RPNTraining) -> Dict[str, torch.Tensor]:
+    """RPN losses of a batch from ``rpn.head_outputs(features)`` and each image's gt boxes."""
+    anchors, logits, deltas = head_outputs
+    anchors = Boxes.cat(anchors)
+    labelled = [label_anchors(anchors, gt, size, settings)
+                for gt, size in zip(gt_boxes, image_sizes)]
+    labels, matched = (torch.stack(t) for t in zip(*labelled))
+    return rpn_losses(anchors, torch.cat(logits, dim=1), torch.cat(deltas, dim=1), labels,
+                      matched, rpn.box2box_transform, settings)
+
+
 def rescale_proposals(proposals: Instances, height: int, width: int) -> Instances:
     """Proposals in the original image's pixels (detectron2's ``detector_postprocess``)."""
     scale_x, scale_y = width / proposals.image_size[1], height / proposals.image_size[0]
@@ -135,12 +147,7 @@ class ProposalNetwork(nn.Module):
                batched_inputs: Sequence[Dict]) -> Dict[str, torch.Tensor]:
         if any("instances" not in x for x in batched_inputs):
             raise ValueError("Training an RPN needs 'instances' with gt_boxes in every input")
-        anchors, logits, deltas = self.proposal_generator.head_outputs(features)
-        anchors = Boxes.cat(anchors)
-        labelled = [label_anchors(anchors, x["instances"].gt_boxes.to(self.device), size,
-                                  self.training_settings)
-                    for x, size in zip(batched_inputs, images.image_sizes)]
-        labels, matched = (torch.stack(t) for t in zip(*labelled))
-        return rpn_losses(anchors, torch.cat(logits, dim=1), torch.cat(deltas, dim=1), labels,
-                          matched, self.proposal_generator.box2box_transform,
-                          self.training_settings)
+        outputs = self.proposal_generator.head_outputs(features)
+        gt_boxes = [x["instances"].gt_boxes.to(self.device) for x in batched_inputs]
+        return batch_rpn_losses(self.proposal_generator, outputs, gt_boxes, images.image_sizes,
+                                self.training_settings)
