@@ -10,7 +10,6 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from fvcore.nn.weight_init import c2_xavier_fill
 from torch import nn
 
 from ...structures import Instances
@@ -18,6 +17,7 @@ from ..box_coder import Box2BoxTransform
 from ..box_predictor import InferenceSettings, LossSettings, detect_single_image, predict_boxes
 from ..losses import box_regression_loss
 from ..matcher import regression_targets
+from ..resnet_fpn import c2_xavier_fill
 from .zero_shot_classifier import ZeroShotClassifier
 
 # A class counts as seen in training when its frequency weight exceeds this (Detic's cut-off).
