@@ -180,7 +180,11 @@ class RPN(Freezable):
 
     def forward(self, images: ImageList, features: Dict[str, torch.Tensor]) -> List[Instances]:
         """Proposals (in padded-image coordinates clipped to each image size) per image."""
-        anchors, logits, deltas = self.head_outputs(features)
+        return self.predict_proposals(*self.head_outputs(features), images.image_sizes)
+
+    def predict_proposals(self, anchors: List[Boxes], logits: List[torch.Tensor],
+                          deltas: List[torch.Tensor], image_sizes) -> List[Instances]:
+        """Head outputs (:meth:`head_outputs`) -> the selected proposals of each image."""
         proposals = []  # per level [N, Hi*Wi*A, 4]: anchors moved by the predicted deltas
         for anchors_i, deltas_i in zip(anchors, deltas):
             n = deltas_i.shape[0]
@@ -188,9 +192,8 @@ class RPN(Freezable):
                                                         anchors_i.tensor.repeat(n, 1))
             proposals.append(boxes.view(n, -1, BOX_DIM))
         return find_top_rpn_proposals(
-            proposals, logits, images.image_sizes, self.nms_thresh,
-            self.pre_nms_topk[self.training], self.post_nms_topk[self.training],
-            self.min_box_size,
+            proposals, logits, image_sizes, self.nms_thresh, self.pre_nms_topk[self.training],
+            self.post_nms_topk[self.training], self.min_box_size,
         )
 
     def head_outputs(self, features: Dict[str, torch.Tensor]):
