@@ -16,8 +16,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from .mapper import TrainingMapper
 from .samplers import TrainingSampler, aspect_ratio_groups
-from .train_mapper import TrainingMapper
 
 MULTI_DATASET_SAMPLER = "MultiDatasetSampler"
 _ORIENTATIONS = 2  # landscape, portrait
