@@ -192,3 +192,27 @@ def test_python_dash_m_entry_point(weights, tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(out.read_text())["images"][0]["file_name"] == str(image)
+
+
+HELP_PROBE = """
+import runpy, sys
+sys.argv = ["regionclip", *sys.argv[1:]]
+try:
+    runpy.run_module("regionclip.cli", run_name="__main__")  # python -m regionclip.cli ...
+except SystemExit as exit:
+    assert exit.code == 0, exit.code
+print("imported:", sorted(m for m in ("torch", "cv2", "numpy") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["detect", "--help"], ["embed", "--help"]])
+def test_help_imports_nothing_heavy_and_reads_as_plain_text(argv):
+    done = subprocess.run([sys.executable, "-c", HELP_PROBE, *argv], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    *text, imported = done.stdout.splitlines()
+    assert imported == "imported: []"
+    assert text[0].startswith("usage: regionclip") and "--help" in "\n".join(text)
+    assert not re.search(r"``|:func:|:class:", done.stdout)
+    if argv == ["--help"]:
+        assert "The regionclip command: detect named classes in images" in done.stdout
