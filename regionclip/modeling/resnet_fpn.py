@@ -74,10 +74,11 @@ def _msra_fill(conv: nn.Conv2d) -> None:
         nn.init.zeros_(conv.bias)
 
 
-def _xavier_fill(conv: nn.Conv2d) -> None:
-    nn.init.kaiming_uniform_(conv.weight, a=1)
-    if conv.bias is not None:
-        nn.init.zeros_(conv.bias)
+def c2_xavier_fill(layer: nn.Module) -> None:
+    """detectron2's (Caffe2) XavierFill: kaiming-uniform with a = 1, zero bias."""
+    nn.init.kaiming_uniform_(layer.weight, a=1)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
 
 
 def freeze_norms_(module: nn.Module) -> nn.Module:
@@ -266,8 +267,8 @@ class FPN(Freezable):
                              norm=get_norm(norm, out_channels))
             output = Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=use_bias,
                             norm=get_norm(norm, out_channels))
-            _xavier_fill(lateral)
-            _xavier_fill(output)
+            c2_xavier_fill(lateral)
+            c2_xavier_fill(output)
             self.add_module(f"fpn_lateral{level}", lateral)
             self.add_module(f"fpn_output{level}", output)
         self.bottom_up = bottom_up

@@ -18,6 +18,7 @@ from ..box_coder import Box2BoxTransform
 from ..box_predictor import InferenceSettings, LossSettings, detect_single_image, predict_boxes
 from ..losses import box_regression_loss
 from ..matcher import regression_targets
+from ..resnet_fpn import c2_xavier_fill
 from .zero_shot_classifier import ZeroShotClassifier
 
 with warnings.catch_warnings():
