@@ -6,7 +6,6 @@ two-layer MLP (``bbox_pred.0`` / ``bbox_pred.2``), sigmoid (or softmax) scores. 
 get no loss at all, neither as positives nor as negatives. Post-processing and box coding are
 the core's (`box_predictor.py`).
 """
-import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -20,12 +19,6 @@ from ..losses import box_regression_loss
 from ..matcher import regression_targets
 from ..resnet_fpn import c2_xavier_fill
 from .zero_shot_classifier import ZeroShotClassifier
-
-with warnings.catch_warnings():
-    # fvcore.nn's package init scripts its focal loss with torch.jit.script, which recent torch
-    # releases deprecate with a FutureWarning on each import: noise before every command's output.
-    warnings.simplefilter("ignore", FutureWarning)
-    from fvcore.nn.weight_init import c2_xavier_fill
 
 # A class counts as seen in training when its frequency weight exceeds this (Detic's cut-off).
 MIN_CLASS_FREQUENCY = 1e-4
