@@ -8,7 +8,11 @@
 
 Images go through the test-time mapper of the data pipeline and the detector's own
 ``inference`` / ``embed_regions``: the API adds only input checks and the vocabulary.
+
+Waits show a progress bar on stderr (``progress=False`` turns it off): loading, encoding class
+names that are not cached yet, and detection in a list of images or on a CPU.
 """
+import logging
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
@@ -25,10 +29,13 @@ from .data.mapper import InferenceMapper, build_inference_mapper, read_image
 from .data.transforms import transform_boxes_xyxy
 from .engine.weights import load_model, resolve_spec, spec_config
 from .modeling.text_encoder import check_finite_embeddings, load_embeddings
+from .progress import progress_bar, steps
 from .structures import Boxes, Instances
 from .vocabulary import ClassNameEncoder
 
 __all__ = ["Detections", "Detector"]
+
+logger = logging.getLogger("regionclip")
 
 ImageInput = Union[str, os.PathLike, np.ndarray, Image.Image]
 _ACCEPTED = "a file path, an HxWx3 uint8 RGB numpy array or a PIL image"
@@ -82,7 +89,8 @@ class Detector:
                         score_threshold: Optional[float] = None,
                         nms_threshold: Optional[float] = None,
                         max_detections: Optional[int] = None,
-                        cache_dir: Optional[str] = None, overrides: Sequence = ()):
+                        cache_dir: Optional[str] = None, overrides: Sequence = (),
+                        progress: bool = True):
         """Load a checkpoint with the official config, RPN and thresholds it was made for.
 
         Args:
@@ -99,12 +107,16 @@ class Detector:
             cache_dir: class-embedding cache ($REGIONCLIP_CACHE or ~/.cache/regionclip);
                 "" disables it.
             overrides: extra ``KEY VALUE`` config overrides.
+            progress: a bar over the loading steps (stderr).
         """
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        spec = resolve_spec(weights, rpn_weights, variant, config, rpn_config, text_weights,
-                            overrides)
-        cfg = spec_config(spec, device, score_threshold, nms_threshold, max_detections)
-        model = load_model(spec, cfg)
+        with steps(f"Loading {os.path.basename(os.fspath(weights))}", 3, progress) as step:
+            step("reading the checkpoint")
+            spec = resolve_spec(weights, rpn_weights, variant, config, rpn_config, text_weights,
+                                overrides)
+            _log_spec(spec, device)
+            cfg = spec_config(spec, device, score_threshold, nms_threshold, max_detections)
+            model = load_model(spec, cfg, step)
         encoder = None
         if spec.text_weights:
             encoder = ClassNameEncoder(spec.text_weights, get_variant(spec.variant),
@@ -120,16 +132,18 @@ class Detector:
         return None if self._vocabulary is None else list(self._vocabulary)
 
     def set_vocabulary(self, names: Sequence[str],
-                       embeddings: Union[None, str, torch.Tensor] = None) -> None:
+                       embeddings: Union[None, str, torch.Tensor] = None,
+                       progress: bool = True) -> None:
         """Score regions against ``names`` from now on.
 
         ``embeddings``: precomputed [C, D] class embeddings (tensor or file, rows in the order
-        of ``names``) instead of encoding the names with the text tower.
+        of ``names``) instead of encoding the names with the text tower (cached per name on
+        disk; ``progress``: a bar while uncached names are encoded).
         """
         names = check_class_names(names)
         source = "class embeddings"
         if embeddings is None:
-            embeddings = self._encode(names)
+            embeddings = self._encode(names, progress)
         elif isinstance(embeddings, torch.Tensor):
             embeddings = embeddings.detach().float().cpu()
         else:
@@ -142,18 +156,18 @@ class Detector:
         self.model.roi_heads.box_predictor.set_test_embeddings(embeddings)
         self._vocabulary = names
 
-    def embed_text(self, names: Sequence[str]) -> torch.Tensor:
+    def embed_text(self, names: Sequence[str], progress: bool = True) -> torch.Tensor:
         """[C, D] unit-norm text embeddings of class names (81-template ensemble)."""
-        return F.normalize(self._encode(check_class_names(names)), dim=1)
+        return F.normalize(self._encode(check_class_names(names), progress), dim=1)
 
-    def _encode(self, names: List[str]) -> torch.Tensor:
+    def _encode(self, names: List[str], progress: bool) -> torch.Tensor:
         if self.text_encoder is None:
             raise ValueError("this detector has no text tower to encode class names (fine-tuned "
                              "checkpoints carry none): pass text_weights= (the pretrained "
                              "RegionCLIP or OpenAI CLIP file of the same variant) or "
                              "precomputed embeddings; see MODEL_ZOO.md")
         try:
-            return self.text_encoder(names)
+            return self.text_encoder(names, progress)
         except CheckpointMismatchError as err:
             raise CheckpointMismatchError(
                 f"the text tower of {self.text_encoder.weights} does not match this "
@@ -161,7 +175,7 @@ class Detector:
 
     @torch.no_grad()
     def __call__(self, images, boxes=None, return_embeddings: bool = False,
-                 batch_size: int = 1):
+                 batch_size: int = 1, progress: Optional[bool] = None):
         """Detect the vocabulary in one image or a list of images.
 
         images: a path, an HxWx3 uint8 RGB array, a PIL image, or a list of them (any sizes).
@@ -169,6 +183,9 @@ class Detector:
             (a list of them for a list of images). Regions are kept as given (no regression).
         batch_size: images per forward pass; above 1 images are padded to a common size,
             which changes features near their borders slightly (as in detectron2).
+        progress: a bar over the images (stderr); by default shown for a list of several
+            images and on a CPU, where one image takes seconds to minutes (the bar of a single
+            image is erased when it is done, so a loop of calls leaves no trail).
         Returns one :class:`Detections` per image (a single one for a single image).
         """
         if self._vocabulary is None:
@@ -176,10 +193,14 @@ class Detector:
         single = not isinstance(images, (list, tuple))
         images = [images] if single else list(images)
         regions = self._region_lists(boxes, single, len(images))
-        results = []
-        for start in range(0, len(images), max(1, batch_size)):
-            chunk = slice(start, start + max(1, batch_size))
-            results += self._detect(images[chunk], regions[chunk], return_embeddings)
+        if progress is None:
+            progress = len(images) > 1 or self.device.type == "cpu"
+        results, step = [], max(1, batch_size)
+        with progress_bar(len(images), "Detecting", "image", progress, leave=not single) as bar:
+            for start in range(0, len(images), step):
+                chunk = slice(start, start + step)
+                results += self._detect(images[chunk], regions[chunk], return_embeddings)
+                bar.update(len(results) - bar.n)
         return results[0] if single else results
 
     def _region_lists(self, boxes, single: bool, count: int) -> list:
@@ -228,6 +249,16 @@ class Detector:
         the regional analogue of CLIP's ``encode_image``, comparable with :meth:`embed_text`."""
         inputs, regions = self._prepare(image, boxes)
         return F.normalize(self.model.embed_regions([inputs], [regions]), dim=1).cpu()
+
+
+def _log_spec(spec, device: str) -> None:
+    if spec.rpn is None:
+        rpn = "none (regions must be given)"
+    else:
+        rpn = spec.rpn_weights or "stored in the checkpoint"
+    logger.info("Loading %s on %s: CLIP %s, config %s, offline RPN %s, text tower %s",
+                spec.weights, device, spec.variant, spec.config, rpn,
+                spec.text_weights or "none")
 
 
 def _rgb_array(image: ImageInput) -> np.ndarray:

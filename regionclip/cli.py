@@ -1,38 +1,23 @@
-"""The ``regionclip`` command: detect named classes in images, or embed given regions.
+"""The regionclip command: detect named classes in images, or embed given regions.
 
-    regionclip detect photos/ street.jpg --classes "cat,traffic cone" \\
-        --weights pretrained_ckpt/regionclip/regionclip_pretrained-cc_rn50.pth \\
-        --out results.json --vis drawn/
-    regionclip embed street.jpg --boxes "10,20,200,180;0,0,50,50" \\
-        --weights pretrained_ckpt/regionclip/regionclip_pretrained-cc_rn50.pth --out regions.pth
+examples:
+  regionclip detect photos/ street.jpg --classes "cat,traffic cone" \\
+      --weights pretrained_ckpt/regionclip/regionclip_pretrained-cc_rn50.pth \\
+      --out results.json --vis drawn/
+  regionclip embed street.jpg --boxes "10,20,200,180;0,0,50,50" \\
+      --weights pretrained_ckpt/regionclip/regionclip_pretrained-cc_rn50.pth --out regions.pth
 
-Inputs, and that the outputs can be written, are checked before the model is loaded; the
-results json is written only once every image has been processed, atomically, so a failed run
-leaves no partial file. Bad input is reported as one line with exit status 1
-(``REGIONCLIP_DEBUG=1`` shows the traceback); a read-only text-embedding cache only costs a
-warning.
+Every input is checked before the model is loaded (all missing files are named at once, with
+where to get them), and so is that the outputs can be written; a failed run leaves no partial
+results. Bad input is reported as one line with exit status 1 (REGIONCLIP_DEBUG=1 shows the
+traceback). Progress bars and log lines go to stderr; --quiet leaves warnings and errors only.
 """
 import argparse
-import json
 import logging
-import os
 import sys
-import tempfile
-from typing import List, Sequence
-
-import cv2
-import torch
-
-from .api import Detector
-from .atomic import atomic_open
-from .data.coco import check_class_names, class_names_from_file
-from .data.mapper import IMAGE_EXTENSIONS, read_image, read_image_size
-from .engine.defaults import USER_ERROR_STATUS, is_user_error, user_error_line
-from .evaluation.results import instances_to_coco_json, write_json_atomic
-from .visualization import DRAWING_BACKGROUND, draw_predictions, select_predictions
+from typing import Sequence
 
 logger = logging.getLogger("regionclip")
-VIS_MAX_BOXES = 25  # as the original's visualize scripts
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,13 +30,18 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rpn-config", help="YAML config of the offline RPN")
     group.add_argument("--text-weights", help="file with the text tower, for fine-tuned weights")
     group.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: a GPU if present)")
-    group.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+    group.add_argument("--quiet", action="store_true",
+                       help="no progress bars; log warnings and errors only")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="regionclip", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="regionclip", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    detect = commands.add_parser("detect", help="detect named classes in images")
+    detect = commands.add_parser("detect", help="detect named classes in images",
+                                 description="Detect named classes in images; write a "
+                                 "COCO-style results json (image ids from 1, in the order of "
+                                 "the images; category ids from 1, in vocabulary order).")
     detect.add_argument("images", nargs="+", help="image files and/or folders of images")
     names = detect.add_mutually_exclusive_group(required=True)
     names.add_argument("--classes", help='comma-separated class names, e.g. "cat,traffic cone"')
@@ -65,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="minimum score of a drawn detection")
     detect.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     _model_arguments(detect)
-    embed = commands.add_parser("embed", help="region embeddings of given boxes in an image")
+    embed = commands.add_parser("embed", help="region embeddings of given boxes in an image",
+                                description="Region embeddings (unit norm) of given boxes in "
+                                "an image, comparable with CLIP text embeddings.")
     embed.add_argument("image")
     boxes = embed.add_mutually_exclusive_group(required=True)
     boxes.add_argument("--boxes", help='"x0,y0,x1,y1;x0,y0,x1,y1" in image pixels')
@@ -73,144 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--out", required=True, help=".pth file: {'boxes', 'embeddings'}")
     _model_arguments(embed)
     return parser
-
-
-def parse_classes(text: str) -> List[str]:
-    return check_class_names([name.strip() for name in text.split(",")] if text.strip() else [])
-
-
-def expand_images(paths: Sequence[str]) -> List[str]:
-    """Files as given, folders as their image files (sorted); each checked to be readable."""
-    images = []
-    for path in paths:
-        if os.path.isdir(path):
-            found = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
-            if not found:
-                raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {path}")
-            images += [os.path.join(path, n) for n in found]
-        elif os.path.isfile(path):
-            images.append(path)
-        else:
-            raise FileNotFoundError(f"image not found: {path}")
-    for path in images:
-        read_image_size(path)  # a file that is not an image fails here, before the model loads
-    return images
-
-
-def parse_boxes(text: str) -> List[List[float]]:
-    boxes = []
-    for index, part in enumerate(p for p in text.split(";") if p.strip()):
-        try:
-            values = [float(v) for v in part.split(",")]
-        except ValueError:
-            values = []
-        if len(values) != 4:
-            raise ValueError(f"--boxes: box {index} {part.strip()!r} is not x0,y0,x1,y1")
-        boxes.append(values)
-    if not boxes:
-        raise ValueError("--boxes: no boxes given")
-    return boxes
-
-
-def read_boxes_json(path: str) -> list:
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid json: {err}") from err
-    boxes = data.get("boxes") if isinstance(data, dict) else data
-    if not isinstance(boxes, list):
-        raise ValueError(f"{path} must hold a list of [x0, y0, x1, y1] boxes")
-    return boxes
-
-
-def check_writable(path: str, folder: str, option: str) -> None:
-    """OSError naming ``option`` and ``path`` unless files can be created in ``folder`` (made
-    if missing): checked before the work, so that nothing is lost at its end."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise OSError(f"{option} {path}: cannot write into {folder} "
-                      f"({err.strerror or err}); choose a writable location") from err
-
-
-def check_out(path: str) -> None:
-    check_writable(path, os.path.dirname(os.path.abspath(path)), "--out")
-
-
-def load_detector(args) -> Detector:
-    return Detector.from_pretrained(
-        args.weights, args.rpn_weights, args.variant, args.device, config=args.config,
-        rpn_config=args.rpn_config, text_weights=args.text_weights,
-        score_threshold=getattr(args, "score_threshold", None))
-
-
-def coco_document(paths: Sequence[str], names: Sequence[str], results) -> dict:
-    """COCO-style json: images (id -> file), categories (id = vocabulary position + 1) and
-    annotations with scores (boxes xywh in original pixels)."""
-    to_category = {k: k + 1 for k in range(len(names))}
-    annotations = []
-    for image_id, result in enumerate(results, start=1):
-        for ann in instances_to_coco_json(result.to_instances(), image_id, to_category):
-            w, h = ann["bbox"][2:]
-            annotations.append({"id": len(annotations) + 1, **ann, "area": w * h, "iscrowd": 0})
-    return {
-        "images": [{"id": i, "file_name": p, "height": r.image_size[0], "width": r.image_size[1]}
-                   for i, (p, r) in enumerate(zip(paths, results), start=1)],
-        "categories": [{"id": k + 1, "name": n} for k, n in enumerate(names)],
-        "annotations": annotations,
-    }
-
-
-def draw_all(document: dict, folder: str, threshold: float) -> None:
-    os.makedirs(folder, exist_ok=True)
-    names = [c["name"] for c in document["categories"]]
-    per_image = {image["id"]: [] for image in document["images"]}
-    for ann in document["annotations"]:
-        per_image[ann["image_id"]].append(ann)
-    used = set()
-    for image in document["images"]:
-        name = os.path.basename(image["file_name"])
-        name = name if name not in used else f"{image['id']}_{name}"
-        used.add(name)
-        shown = select_predictions(per_image[image["id"]], threshold, unique_boxes=True,
-                                   max_boxes=VIS_MAX_BOXES)
-        canvas = draw_predictions(read_image(image["file_name"], "BGR", DRAWING_BACKGROUND),
-                                  shown, names, {k + 1: k for k in range(len(names))})
-        if not cv2.imwrite(os.path.join(folder, name), canvas):
-            raise OSError(f"could not write {os.path.join(folder, name)}")
-
-
-def run_detect(args) -> None:
-    names = parse_classes(args.classes) if args.classes is not None else \
-        class_names_from_file(args.vocabulary)
-    paths = expand_images(args.images)
-    check_out(args.out)
-    if args.vis:
-        check_writable(args.vis, args.vis, "--vis")
-    detector = load_detector(args)
-    detector.set_vocabulary(names, embeddings=args.embeddings)
-    results = detector(paths, batch_size=args.batch_size)
-    document = coco_document(paths, names, results)
-    write_json_atomic(document, args.out)
-    logger.info("Wrote %d detections in %d images to %s", len(document["annotations"]),
-                len(paths), args.out)
-    if args.vis:
-        draw_all(document, args.vis, args.vis_threshold)
-        logger.info("Drew the detections into %s", args.vis)
-
-
-def run_embed(args) -> None:
-    boxes = parse_boxes(args.boxes) if args.boxes is not None else read_boxes_json(args.boxes_json)
-    read_image_size(args.image)
-    check_out(args.out)
-    embeddings = load_detector(args).embed_regions(args.image, boxes)
-    with atomic_open(args.out, "wb") as f:
-        torch.save({"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                    "embeddings": embeddings, "image": args.image}, f)
-    logger.info("Wrote %d region embeddings to %s", len(embeddings), args.out)
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -222,16 +76,14 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def main(argv: Sequence[str] = None) -> int:
+    """Parse ``argv``, run the command; returns the exit status."""
     args = build_parser().parse_args(argv)
     _setup_logging(args.quiet)
-    try:
-        run_detect(args) if args.command == "detect" else run_embed(args)
-    except Exception as err:
-        if not is_user_error(err):  # a bug, or REGIONCLIP_DEBUG=1: the traceback
-            raise
-        print(user_error_line(f"regionclip {args.command}", err), file=sys.stderr)
-        return USER_ERROR_STATUS
-    return 0
+    # Imported only now: torch and the models take seconds to import, which --help, and a
+    # mistyped option, should not wait for.
+    from .commands import run
+
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ COCO_PAGE = "https://cocodataset.org/#download"
 LVIS_PAGE = "https://www.lvisdataset.org/dataset"
 OPENAI_CLIP_PAGE = "https://github.com/openai/CLIP"  # download links in clip/clip.py
 _OVD_COMMAND = "python tools/prepare_coco_ovd.py --coco-root datasets/coco"
+_DETIC_COMMAND = "python tools/prepare_detic_coco.py --coco-root datasets/coco"
 
 
 @dataclass(frozen=True)
@@ -47,12 +48,18 @@ SOURCES = (
                _zoo("clip")),
     FileSource(r"RN50(x4|x16|x64)?\.pt|RN101\.pt", "pretrained_ckpt/clip",
                f"download OpenAI's CLIP weights, {OPENAI_CLIP_PAGE} (links in clip/clip.py)"),
-    FileSource(r"instances_(train|val)2017\.json", "datasets/coco/annotations",
+    FileSource(r"(instances|captions)_(train|val)2017\.json", "datasets/coco/annotations",
                f"download the COCO 2017 train/val annotations, {COCO_PAGE}"),
     FileSource(r"(train|val)2017", "datasets/coco",
                f"download the COCO 2017 train/val images, {COCO_PAGE}"),
     FileSource(r"ovd_ins_(train|val)2017_(all|b|t)\.json", "datasets/coco/annotations",
                f"build it from the COCO 2017 instances files with {_OVD_COMMAND}"),
+    FileSource(r"instances_(train2017_seen|val2017_all)_2_oriorder(_cat_info)?\.json",
+               "datasets/coco/zero-shot", "build it from the COCO 2017 instances files "
+               f"({COCO_PAGE}) with {_DETIC_COMMAND}"),
+    FileSource(r"captions_train2017_tags_allcaps\.json", "datasets/coco/annotations",
+               f"build it from the COCO 2017 instances and captions files ({COCO_PAGE}) "
+               f"with {_DETIC_COMMAND}"),
     FileSource(r"lvis_v1_(train|val|image_info_test_(dev|challenge))\.json", "datasets/lvis",
                f"download the LVIS v1 annotations, {LVIS_PAGE}"),
     # Not downloaded: the user's own inputs of the custom-image and custom-concept scripts.

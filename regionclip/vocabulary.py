@@ -23,6 +23,7 @@ from .config.variants import CLIPVariant
 from .data.coco import check_class_names
 from .engine.weights import load_text_encoder
 from .modeling.text_encoder import concept_embeddings, load_embeddings, save_embeddings
+from .progress import progress_bar
 from .prompts import PROMPT_TEMPLATES
 
 __all__ = ["CACHE_ENV", "ClassNameEncoder", "TextEmbeddingCache", "default_cache_dir",
@@ -150,17 +151,32 @@ class ClassNameEncoder:
                 self.cache.remember_digest(identity, self._digest)
         return self._digest
 
-    def __call__(self, names: Sequence[str]) -> torch.Tensor:
+    def __call__(self, names: Sequence[str], progress: bool = True) -> torch.Tensor:
+        """[C, D] embeddings of ``names``; ``progress``: a bar (stderr) while names are encoded."""
         names = check_class_names(names)
         if self.cache is None:
-            return concept_embeddings(self.encoder, names).cpu()
+            return self._encode(names, progress)
         digest, dim = self.digest(), self.variant.embed_dim
         found = {n: self.cache.get(digest, n, dim) for n in dict.fromkeys(names)}
         missing = [n for n, e in found.items() if e is None]
+        cached = len(found) - len(missing)
+        logger.info("Class embeddings: %d of %d names cached in %s", cached, len(found),
+                    self.cache.root)
         if missing:
-            logger.info("Encoding %d class names with the text tower of %s", len(missing),
-                        self.weights)
-            for name, embedding in zip(missing, concept_embeddings(self.encoder, missing).cpu()):
+            for name, embedding in zip(missing, self._encode(missing, progress, cached)):
                 self.cache.put(digest, name, embedding)
                 found[name] = embedding
         return torch.stack([found[n] for n in names])
+
+    def _encode(self, names: Sequence[str], progress: bool, cached: int = 0) -> torch.Tensor:
+        logger.info("Encoding %d class names with the text tower of %s", len(names), self.weights)
+        encoder = self.encoder
+        # One name (its prompt ensemble) per pass, so that the bar moves: on a CPU, passes of
+        # several names are no faster, and a name can take tens of seconds.
+        desc = "Encoding class names" + (f" ({cached} cached)" if cached else "")
+        rows = []
+        with progress_bar(len(names), desc, "name", progress) as bar:
+            for name in names:
+                rows.append(concept_embeddings(encoder, [name]).cpu())
+                bar.update()
+        return torch.cat(rows)

@@ -25,6 +25,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from regionclip.cli import main
+from regionclip.data.catalog import get_dataset_dicts
 from regionclip.modeling.text_encoder import save_embeddings
 
 MODEL_ARGS = ["--variant", "tiny", "--config", TINY_CONFIG, "--rpn-config", TINY_RPN_CONFIG,
@@ -192,3 +193,38 @@ def test_python_dash_m_entry_point(weights, tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(out.read_text())["images"][0]["file_name"] == str(image)
+
+
+HELP_PROBE = """
+import runpy, sys
+sys.argv = ["regionclip", *sys.argv[1:]]
+try:
+    runpy.run_module("regionclip.cli", run_name="__main__")  # python -m regionclip.cli ...
+except SystemExit as exit:
+    assert exit.code == 0, exit.code
+print("imported:", sorted(m for m in ("torch", "cv2", "numpy") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["detect", "--help"], ["embed", "--help"]])
+def test_help_imports_nothing_heavy_and_reads_as_plain_text(argv):
+    done = subprocess.run([sys.executable, "-c", HELP_PROBE, *argv], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    *text, imported = done.stdout.splitlines()
+    assert imported == "imported: []"
+    assert text[0].startswith("usage: regionclip") and "--help" in "\n".join(text)
+    assert not re.search(r"``|:func:|:class:", done.stdout)
+    if argv == ["--help"]:
+        assert "The regionclip command: detect named classes in images" in done.stdout
+
+
+def test_detect_ids_are_train_nets_custom_image_ids(weights, tmp_path):
+    """Both writers number a folder's images from 1 in name order (datasets/README.md)."""
+    paths = write_mixed_images(tmp_path / "images")
+    out = tmp_path / "results.json"
+    assert main(detect_args(weights, [str(tmp_path / "images")], out)) == 0
+    detect_ids = {i["file_name"]: i["id"] for i in json.loads(out.read_text())["images"]}
+    records = get_dataset_dicts("lvis_v1_val_custom_img", input_dir=str(tmp_path / "images"))
+    assert detect_ids == {r["file_name"]: r["image_id"] for r in records}
+    assert sorted(detect_ids.values()) == list(range(1, len(paths) + 1))

@@ -224,8 +224,8 @@ def test_load_image_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     records = load_image_folder(str(tmp_path))
     assert [os.path.basename(r["file_name"]) for r in records] == ["a.jpg", "b.png"]
-    assert [(r["height"], r["width"], r["image_id"]) for r in records] == [(30, 10, 0),
-                                                                           (10, 30, 1)]
+    assert [(r["height"], r["width"], r["image_id"]) for r in records] == [(30, 10, 1),
+                                                                           (10, 30, 2)]
     assert "annotations" not in records[0]
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no images"):
@@ -290,7 +290,7 @@ def test_catalog_lvis(dataset_root, tmp_path):
     custom.mkdir()
     Image.new("RGB", (8, 6)).save(custom / "x.jpg")
     records = catalog.get_dataset_dicts("lvis_v1_val_custom_img", input_dir=str(custom))
-    assert [(r["height"], r["width"], r["image_id"]) for r in records] == [(6, 8, 0)]
+    assert [(r["height"], r["width"], r["image_id"]) for r in records] == [(6, 8, 1)]
     custom_meta = catalog.get_metadata("lvis_v1_val_custom_img")
     assert not custom_meta.evaluate and custom_meta.thing_classes == val.thing_classes
 

@@ -124,10 +124,13 @@ def test_torch_save_errors_are_one_line(weights, tmp_path, capsys, read_only):
 def test_errors_in_torchrun_workers_are_printed_once_first(tmp_path):
     result = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                   TRAIN_NET, "--eval-only", "--config-file", TINY_TRAIN_CONFIG,
-                  "MODEL.WEIGHTS", "nothere/model.pth", "OUTPUT_DIR", tmp_path / "out"],
-                 tmp_path)
+                  "MODEL.WEIGHTS", "nothere/model.pth", "MODEL.CLIP.TEXT_EMB_PATH",
+                  "nothere/emb.pth", "OUTPUT_DIR", tmp_path / "out"], tmp_path)
     assert result.returncode != 0
-    assert_cause_first_and_once(result.stderr, "nothere/model.pth")
+    # the preflight's list of missing inputs: its summary first, each input once
+    assert_cause_first_and_once(result.stderr, "2 inputs are missing")
+    assert result.stderr.count("nothere/model.pth") == 1, result.stderr[-3000:]
+    assert result.stderr.count("nothere/emb.pth") == 1, result.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,14 +9,14 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "regionclip"
 # Lowest first; a module may import its own unit and any unit of a lower layer.
 LAYERS = (
-    ("ops", "atomic", "distributed", "prompts", "download_pages", "load_report"),
+    ("ops", "atomic", "distributed", "prompts", "download_pages", "load_report", "progress"),
     ("config",),
     ("structures", "checkpoint"),
     ("model_zoo",),
     ("data", "modeling"),
     ("evaluation",),
     ("engine",),
-    ("api", "vocabulary", "cli", "visualization", "__init__"),
+    ("api", "vocabulary", "cli", "commands", "visualization", "__init__"),
 )
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 FRONT_DOOR = set(LAYERS[-1])

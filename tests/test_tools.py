@@ -181,7 +181,7 @@ def test_readme_custom_images_rn50x4_then_visualize(tmp_path, tools, monkeypatch
     assert len(results) <= 300  # TEST.DETECTIONS_PER_IMAGE of the LVIS configs
     for r in results:
         x, y, w, h = r["bbox"]
-        assert r["image_id"] == 0 and 1 <= r["category_id"] <= 1203
+        assert r["image_id"] == 1 and 1 <= r["category_id"] <= 1203  # ids from 1, as detect's
         assert 0 <= x and 0 <= y and x + w <= 320 + 1e-3 and y + h <= 240 + 1e-3
         assert math.isfinite(r["score"]) and r["score"] > 0.02  # SCORE_THRESH_TEST
 

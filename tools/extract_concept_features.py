@@ -27,7 +27,6 @@ def main(argv=None) -> str:
     names = class_names_from_file(args.names or os.path.join(cfg.INPUT_DIR, "concepts.txt"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     encoder = ClassNameEncoder(cfg.MODEL.WEIGHTS, resolve_clip_variant(cfg), device, cache_dir="")
-    logger.info("Encoding %d names with the text tower of %s", len(names), cfg.MODEL.WEIGHTS)
     embeddings = encoder(names)
     output = args.output or os.path.join(cfg.OUTPUT_DIR, "concept_embeds.pth")
     save_embeddings(embeddings, output)

@@ -149,6 +149,11 @@ def list_datasets():
     return sorted(_BUILTIN) + sorted(_REGISTERED)
 
 
+def is_builtin(name):
+    """Whether ``name`` is a built-in dataset (its files are under :func:`dataset_root`)."""
+    return name in _BUILTIN
+
+
 def dataset_root():
     """Root folder of the built-in datasets (``$DETECTRON2_DATASETS``, default ``datasets``)."""
     return os.path.expanduser(os.environ.get(DATASETS_ENV, DEFAULT_ROOT))
@@ -188,7 +193,7 @@ def _parse_json_name(name, prefix, data_format, evaluator_type):
 def _require_json(name, spec):
     if not os.path.isfile(spec.json_file):
         message = missing_file_message(spec.json_file, f"annotation file of dataset {name!r}")
-        if name in _BUILTIN:
+        if is_builtin(name):
             message += f"; dataset root {dataset_root()!r} (set with ${DATASETS_ENV})"
         raise FileNotFoundError(message)
 

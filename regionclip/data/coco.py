@@ -267,7 +267,9 @@ def _log_stats(stats, num_images, api):
 def load_image_folder(folder):
     """Records for every image file in ``folder`` (sorted by name); no annotations.
 
-    ``image_id`` is the position in the sorted list; sizes come from the file headers with the
+    ``image_id`` is the position in the sorted list counted from 1, as COCO's ids and the
+    ``regionclip detect`` json: the same image has the same id in the results of both, and no
+    id is 0, which COCO tools may take for "none". Sizes come from the file headers with the
     EXIF orientation applied, so they match the decoded images.
     """
     if not os.path.isdir(folder):
@@ -276,10 +278,11 @@ def load_image_folder(folder):
     if not names:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
     records = []
-    for index, name in enumerate(names):
+    for image_id, name in enumerate(names, start=1):
         path = os.path.join(folder, name)
         height, width = read_image_size(path)
-        records.append({"file_name": path, "height": height, "width": width, "image_id": index})
+        records.append({"file_name": path, "height": height, "width": width,
+                        "image_id": image_id})
     return records
 
 

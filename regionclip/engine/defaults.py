@@ -40,6 +40,7 @@ from ..evaluation.results import write_json_atomic
 from ..modeling.build import build_model
 from ..modeling.detic.build import test_classifier
 from .output_dir import OutputDirLock, check_previous_run, tidy
+from .preflight import MissingInputsError, check_inputs, config_inputs
 from .solver import auto_scale_batch, auto_scale_workers
 from .trainer import build_trainer, last_checkpoint_path
 from .weights import load_weights
@@ -129,13 +130,16 @@ def setup(args):
 
     Nothing is written before the folder is held: a second run into a folder in use, or a
     new training run over a previous one (neither ``--resume`` nor ``--overwrite``), fails
-    without touching it.
+    without touching it. Before that, every input the config names is checked (all missing
+    ones are reported at once, see ``preflight.py``).
     """
     cfg = load_config(args.config_file, args.opts)
     cfg.OUTPUT_DIR = auto_output_dir(cfg.OUTPUT_DIR, args.config_file)
     cfg.freeze()
     owner = is_main_process() and bool(cfg.OUTPUT_DIR)
     training = not args.eval_only
+    resuming = training and args.resume and bool(last_checkpoint_path(cfg.OUTPUT_DIR))
+    check_inputs(config_inputs(cfg, training, weights=not resuming))
     with OutputDirLock(cfg.OUTPUT_DIR) if owner else contextlib.nullcontext() as lock:
         if owner and training:
             check_previous_run(cfg.OUTPUT_DIR, args.resume, args.overwrite)
@@ -268,7 +272,10 @@ def is_user_error(err: BaseException) -> bool:
 
 
 def user_error_line(command: str, err: BaseException) -> str:
-    """``err`` as one line: its message's lines joined."""
+    """``err`` as one line: its message's lines joined (a list of missing inputs keeps its
+    one line per input)."""
+    if isinstance(err, MissingInputsError):
+        return f"{command}: error: {err}"
     return f"{command}: error: " + " ".join(part.strip() for part in str(err).splitlines())
 
 

@@ -10,7 +10,7 @@
 """
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -188,12 +188,17 @@ def _check_loaded(report: LoadReport, parts: Sequence[str], what: str, hint: str
                               f"missing or of another shape (e.g. {bad[0]}); {hint}")
 
 
-def load_model(spec: ModelSpec, cfg) -> torch.nn.Module:
+def load_model(spec: ModelSpec, cfg,
+               step: Optional[Callable[[str], None]] = None) -> torch.nn.Module:
     """Build the detector of ``cfg`` (:func:`spec_config`) and load its weights (eval mode).
 
     Stored class embeddings are not loaded: the vocabulary is always set by the caller.
+    ``step(text)`` is told as each of the two steps starts (a progress display).
     """
+    step = step or (lambda text: None)
+    step(f"building the {spec.variant} detector")
     model = build_model(cfg)
+    step("loading its weights")
     reports = load_weights(cfg, model, skip_vocabulary=True)
     _check_loaded(reports[0], ("backbone.",), "CLIP image trunk", "use a RegionCLIP checkpoint")
     if spec.rpn is not None:
