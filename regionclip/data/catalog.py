@@ -15,8 +15,10 @@ Built-in names (paths relative to ``$DETECTRON2_DATASETS``, default ``./datasets
 
 A COCO-format dataset of your own needs no code: name it
 ``coco_json:<path/to/annotations.json>:<path/to/image_dir>`` (paths as given, not under the
-root), or call ``register_coco_json(name, json_file, image_root)`` once before use. Image-labelled
-data in Detic's format is named ``image_labels:<path/to/labels.json>:<path/to/image_dir>``.
+root), or call ``register_coco_json(name, json_file, image_root)`` once before use. When every
+category of such a json has ``"split": "seen"`` or ``"unseen"`` (OVR-CNN's OV-COCO files, the toy
+world), the evaluator also reports AP50 over the novel, base and all classes. Image-labelled data
+in Detic's format is named ``image_labels:<path/to/labels.json>:<path/to/image_dir>``.
 """
 
 import dataclasses
@@ -44,6 +46,8 @@ IMAGE_LABELS_PREFIX = "image_labels:"
 # The original caps ground-truth boxes per LVIS image (GT-box inference memory).
 LVIS_MAX_ANNOTATIONS = 500
 _README_HINT = "see datasets/README.md for the expected layout"
+# A COCO json category's "split" in OVR-CNN's open-vocabulary files: base / novel.
+OVD_SPLIT_VALUES = ("seen", "unseen")
 
 
 @dataclass(frozen=True)
@@ -292,10 +296,24 @@ def _read_metadata(name, spec, json_mtime):
     if spec.ovd_split:
         fields["novel_dataset_ids"] = frozenset(ids) & coco_ovd.NOVEL_IDS
         fields["base_dataset_ids"] = frozenset(ids) & coco_ovd.BASE_IDS
+    elif spec.format == "coco":
+        fields.update(_json_split_fields(categories))
     return Metadata(
         name, names, ids, spec.evaluator_type, spec.evaluate, spec.json_file, spec.image_root,
         **fields,
     )
+
+
+def _json_split_fields(categories):
+    """Novel/base ids from the categories' ``"split"`` ("unseen" / "seen"), as OVR-CNN's OV-COCO
+    json files and the toy world mark them; nothing when any category lacks one."""
+    splits = [cat.get("split") for cat in categories]
+    if not categories or not all(split in OVD_SPLIT_VALUES for split in splits):
+        return {}
+    return {
+        "novel_dataset_ids": frozenset(c["id"] for c in categories if c["split"] == "unseen"),
+        "base_dataset_ids": frozenset(c["id"] for c in categories if c["split"] == "seen"),
+    }
 
 
 def _lvis_fields(categories):
