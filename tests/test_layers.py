@@ -16,6 +16,7 @@ LAYERS = (
     ("data", "modeling"),
     ("evaluation",),
     ("engine",),
+    ("toyworld",),
     ("api", "vocabulary", "cli", "commands", "visualization", "__init__"),
 )
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
