@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from regionclip.config import get_cfg
-from regionclip.modeling.build import build_offline_rpn, offline_rpn_cfg
+from regionclip.modeling.build_rpn import build_offline_rpn, offline_rpn_cfg
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY_FPN = CONFIGS / "tests" / "tiny_rpn_fpn.yaml"

@@ -21,7 +21,8 @@ LAYERS = (
 )
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 FRONT_DOOR = set(LAYERS[-1])
-CFG_READERS = ("config/", "modeling/build.py", "modeling/detic/build.py", "data/", "engine/")
+CFG_READERS = ("config/", "modeling/build.py", "modeling/build_rpn.py", "modeling/detic/build.py",
+               "data/", "engine/")
 
 
 def _unit(module: str) -> str:

@@ -20,7 +20,7 @@ from _rpn_utils import (
 )
 from torch import nn
 
-from regionclip.modeling.build import build_offline_rpn, is_unit_scale, offline_rpn_cfg
+from regionclip.modeling.build_rpn import build_offline_rpn, is_unit_scale, offline_rpn_cfg
 from regionclip.modeling.resnet_fpn import BottleneckBlock, build_resnet
 from regionclip.modeling.rpn import (
     DefaultAnchorGenerator,

@@ -10,7 +10,8 @@ from _training_utils import trained_rpn
 from regionclip.checkpoint import load_checkpoint, save_checkpoint
 from regionclip.config import load_config
 from regionclip.modeling.box_coder import Box2BoxTransform
-from regionclip.modeling.build import build_model, build_proposal_network
+from regionclip.modeling.build import build_model
+from regionclip.modeling.build_rpn import build_proposal_network
 from regionclip.modeling.rpn_training import ProposalNetwork, RPNTraining, label_anchors, rpn_losses
 from regionclip.structures import Boxes, Instances
 

@@ -50,6 +50,8 @@ VARIANTS = {
         CLIPVariant("RN50x4", (4, 6, 10, 6), 80, 640, 288, 640, 10),
         CLIPVariant("RN50x16", (6, 8, 18, 8), 96, 768, 384, 768, 12),
         CLIPVariant("RN50x64", (3, 15, 36, 10), 128, 1024, 448, 1024, 16),
+        # The toy world's CLIP (regionclip/toyworld), trained from scratch on 2 CPU cores.
+        CLIPVariant("toy", (1, 1, 1, 1), 16, 64, 128, 64, 2, text_layers=2, context_length=32),
         # A few-kilobyte model for tests: same structure, tiny sizes.
         CLIPVariant("tiny", (1, 1, 1, 1), 8, 32, 64, 32, 2, text_layers=2),
     )

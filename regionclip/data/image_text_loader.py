@@ -11,7 +11,7 @@ from typing import Iterator, List, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import ConfigError
+from ..config import ConfigError, resolve_clip_variant
 from ..distributed import all_gather, get_world_size
 from .image_text import ImageTextDataset, ImageTextTransform, collate_image_text
 from .image_text_sources import MAX_CAPTIONS, JsonlSource, WebDatasetSource
@@ -72,10 +72,12 @@ def _shared_seed(cfg) -> int:
 
 def build_image_text_dataset(cfg, infinite: bool = True, rank: Optional[int] = None,
                              world_size: Optional[int] = None) -> ImageTextDataset:
-    """The training dataset of an image-text config (``DATASETS.TRAIN ("imgtxtpairs",)``)."""
+    """The training dataset of an image-text config (``DATASETS.TRAIN ("imgtxtpairs",)``);
+    captions are tokenized to the text tower's context length (77 for OpenAI's variants)."""
     return ImageTextDataset(build_sources(cfg), build_image_text_transform(cfg),
                             infinite=infinite, seed=_shared_seed(cfg), rank=rank,
-                            world_size=world_size)
+                            world_size=world_size,
+                            context_length=resolve_clip_variant(cfg).context_length)
 
 
 class ImageTextLoader:

@@ -47,7 +47,8 @@ from .weights import load_weights
 
 logger = logging.getLogger("regionclip")
 
-PRETRAIN_ARCHITECTURE = "PretrainFastRCNN"
+# Trained on image-caption pairs: RegionCLIP pretraining, and a CLIP trained from scratch.
+IMAGE_TEXT_ARCHITECTURES = ("PretrainFastRCNN", "CLIP")
 ZERO_SHOT_ARCHITECTURE = "CLIPFastRCNN"
 DEBUG_ENV = "REGIONCLIP_DEBUG"
 USER_ERRORS = (OSError, ValueError, CheckpointError)  # bad input, not bugs: no traceback
@@ -229,7 +230,7 @@ def zero_shot_eval_fn(cfg) -> Optional[Callable[[nn.Module], Dict]]:
 # ---------------------------------------------------------------------------------------------
 def _training_data(cfg, model):
     """(loader, evaluation function) of a detection or an image-text (pretraining) config."""
-    if cfg.MODEL.META_ARCHITECTURE == PRETRAIN_ARCHITECTURE:
+    if cfg.MODEL.META_ARCHITECTURE in IMAGE_TEXT_ARCHITECTURES:
         return build_image_text_loader(cfg), zero_shot_eval_fn(cfg)
     for name in cfg.DATASETS.TRAIN:
         check_vocabulary(model, name)

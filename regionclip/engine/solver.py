@@ -28,6 +28,7 @@ NORM_TYPES = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm,
 )
+OPTIMIZERS = ("SGD", "ADAMW")
 LR_SCHEDULERS = ("WarmupMultiStepLR", "WarmupCosineLR")
 WARMUP_METHODS = ("linear", "constant")
 CLIP_TYPES = ("value", "norm", "full_model")
@@ -63,9 +64,12 @@ def optimizer_param_groups(model: nn.Module, base_lr: float, weight_decay: float
             for (lr, wd), params in groups.items()]
 
 
-def build_optimizer(cfg, model: nn.Module) -> torch.optim.SGD:
-    """SGD with momentum over the trainable parameters (``SOLVER.*``)."""
+def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
+    """``SOLVER.OPTIMIZER`` over the trainable parameters: SGD with momentum, or AdamW."""
     solver = cfg.SOLVER
+    if solver.OPTIMIZER not in OPTIMIZERS:
+        raise ValueError(f"SOLVER.OPTIMIZER {solver.OPTIMIZER!r} is not supported; valid: "
+                         f"{list(OPTIMIZERS)}")
     groups = optimizer_param_groups(
         model, solver.BASE_LR, solver.WEIGHT_DECAY, solver.WEIGHT_DECAY_NORM,
         solver.BIAS_LR_FACTOR, solver.WEIGHT_DECAY_BIAS,
@@ -74,6 +78,8 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.SGD:
         raise ValueError("The model has no trainable parameters (check MODEL.BACKBONE.FREEZE_AT)")
     num = sum(p.numel() for group in groups for p in group["params"])
     logger.info("Optimizing %d trainable parameters in %d groups", num, len(groups))
+    if solver.OPTIMIZER == "ADAMW":  # each group's weight_decay is AdamW's decoupled decay
+        return torch.optim.AdamW(groups, lr=solver.BASE_LR)
     return torch.optim.SGD(groups, lr=solver.BASE_LR, momentum=solver.MOMENTUM,
                            nesterov=solver.NESTEROV)
 
