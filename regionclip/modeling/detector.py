@@ -120,13 +120,17 @@ class CLIPFastRCNN(nn.Module):
             proposals = [boxes_as_proposals(b, x["image"].shape[-2:], self.device)
                          for b, x in zip(boxes, batched_inputs)]
         res4 = self.res4(batched_inputs)
+        # Regions that cannot yield a detection are not embedded (see RegionHead.scorable).
+        scorable = self.roi_heads.scorable(proposals, given)
+        proposals = [p[index] for p, index in zip(proposals, scorable)]
         embeddings = self.embed_regions(
             batched_inputs, [p.proposal_boxes.tensor for p in proposals], res4)
         results = self.roi_heads.predict(embeddings, proposals, res4, self.backbone, given)
-        if keep_embeddings:
-            for result, image_embeddings in zip(results, embeddings.split(
-                    [len(p) for p in proposals])):
+        for result, image_embeddings, index in zip(
+                results, embeddings.split([len(p) for p in proposals]), scorable):
+            if keep_embeddings:
                 result.region_embeddings = image_embeddings[result.proposal_index]
+            result.proposal_index = index[result.proposal_index]
         return [{"instances": postprocess(r, x.get("height", r.image_size[0]),
                                           x.get("width", r.image_size[1]))}
                 for r, x in zip(results, batched_inputs)]
