@@ -25,6 +25,10 @@ _C.MODEL.PIXEL_MEAN = [103.530, 116.280, 123.675]
 _C.MODEL.PIXEL_STD = [1.0, 1.0, 1.0]  # MSRA ResNets fold the std into conv1
 _C.MODEL.MASK_ON = False  # build the mask head
 _C.MODEL.LOAD_PROPOSALS = False  # read precomputed proposals instead of running an RPN
+# Inference precision of CLIPFastRCNN (training is always fp32 / SOLVER.AMP). "fp32": exact, TF32
+# off. Opt-in fast paths, same detections up to rounding: "fp32-fast" (BN folded into convs,
+# channels-last, folded attention pool), "tf32" (+ TF32 on GPUs), "bf16" (+ bfloat16 trunk).
+_C.MODEL.PRECISION = "fp32"
 
 _C.MODEL.BACKBONE = CfgNode()
 # build_resnet_backbone (C4), build_resnet_fpn_backbone or build_clip_resnet_backbone (CLIP trunk).
