@@ -25,6 +25,7 @@ from .checkpoint import CheckpointError
 from .data.coco import check_class_names, class_names_from_file
 from .data.image_io import IMAGE_EXTENSIONS, read_image, read_image_size
 from .evaluation.results import instances_to_coco_json, write_json_atomic
+from .modeling.precision import PRECISIONS
 from .visualization import draw_predictions, select_predictions
 
 logger = logging.getLogger("regionclip")
@@ -42,6 +43,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rpn-config", help="YAML config of the offline RPN")
     group.add_argument("--text-weights", help="file with the text tower, for fine-tuned weights")
     group.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: a GPU if present)")
+    group.add_argument("--precision", choices=PRECISIONS, help="fp32 (default, exact) or a "
+                       "fast path with the same detections up to rounding (see README)")
     group.add_argument("--quiet", action="store_true", help="log warnings and errors only")
 
 
@@ -125,7 +128,7 @@ def load_detector(args) -> Detector:
     return Detector.from_pretrained(
         args.weights, args.rpn_weights, args.variant, args.device, config=args.config,
         rpn_config=args.rpn_config, text_weights=args.text_weights,
-        score_threshold=getattr(args, "score_threshold", None))
+        score_threshold=getattr(args, "score_threshold", None), precision=args.precision)
 
 
 def coco_document(paths: Sequence[str], names: Sequence[str], results) -> dict:

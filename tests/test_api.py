@@ -345,7 +345,9 @@ def test_inspect_checkpoint_reads_the_official_layouts(tmp_path, variant, rpn):
 def test_official_file_names_bring_their_settings(files, tmp_path):
     path = tmp_path / "regionclip_finetuned-coco_rn50.pth"
     path.write_bytes(open(files["finetuned"], "rb").read())
-    detector = tiny_detector(str(path), tmp_path, score_threshold=0.2, max_detections=7)
+    detector = tiny_detector(str(path), tmp_path, score_threshold=0.2, max_detections=7,
+                             precision="fp32-fast")
+    assert detector.model.precision == "fp32-fast"
     settings = detector.model.roi_heads.inference_settings
     assert not settings.soft_nms  # with a config of one's own, the official additions go
     assert (settings.score_thresh, settings.detections_per_image) == (0.2, 7)

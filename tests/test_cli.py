@@ -192,3 +192,17 @@ def test_python_dash_m_entry_point(weights, tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(out.read_text())["images"][0]["file_name"] == str(image)
+
+
+def test_precision_flag_reaches_the_detector(monkeypatch):
+    from regionclip import cli
+
+    seen = {}
+    monkeypatch.setattr(cli.Detector, "from_pretrained", lambda *a, **k: seen.update(k))
+    args = cli.build_parser().parse_args(["detect", "x.jpg", "--classes", "cat", "--out", "o",
+                                          "--weights", "w.pth", "--precision", "bf16"])
+    cli.load_detector(args)
+    assert seen["precision"] == "bf16"
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["embed", "x.jpg", "--boxes", "0,0,1,1", "--out", "o",
+                                       "--weights", "w.pth", "--precision", "fp16"])

@@ -252,6 +252,9 @@ _C.TEST = CfgNode()
 _C.TEST.EXPECTED_RESULTS = []  # [[task, metric, value, tolerance], ...] checked after evaluation
 _C.TEST.EVAL_PERIOD = 0  # iterations between evaluations during training; 0 = only at the end
 _C.TEST.DETECTIONS_PER_IMAGE = 100  # 300 for LVIS
+# Images per inference batch in each process (detectron2 has no such key and always uses 1).
+# Above 1 images are padded to a common size, which changes features near padded borders.
+_C.TEST.IMS_PER_BATCH = 1
 _C.TEST.AUG = CfgNode()
 _C.TEST.AUG.ENABLED = False  # test-time augmentation
 _C.TEST.AUG.MIN_SIZES = (400, 500, 600, 700, 800, 900, 1000, 1100, 1200)
