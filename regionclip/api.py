@@ -21,11 +21,10 @@ from PIL import Image
 from .checkpoint import CheckpointMismatchError
 from .config.variants import get_variant
 from .data.coco import check_class_names
-from .data.image_io import read_image
-from .data.mapper import InferenceMapper, build_inference_mapper
+from .data.mapper import InferenceMapper, build_inference_mapper, read_image
 from .data.transforms import transform_boxes_xyxy
 from .engine.weights import load_model, resolve_spec, spec_config
-from .modeling.text_encoder import load_embeddings
+from .modeling.text_encoder import check_finite_embeddings, load_embeddings
 from .structures import Boxes, Instances
 from .vocabulary import ClassNameEncoder
 
@@ -143,6 +142,7 @@ class Detector:
             raise ValueError(
                 f"{source} of shape {list(embeddings.shape)} do not fit {len(names)} class "
                 f"names and this {self.variant} detector's embedding width {self.embed_dim}")
+        check_finite_embeddings(embeddings, source)
         self.model.roi_heads.box_predictor.set_test_embeddings(embeddings)
         self._vocabulary = names
 

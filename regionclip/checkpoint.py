@@ -2,42 +2,39 @@
 
 One converter per source format, chosen by the file's key signature (never by its name):
 ``regionclip`` (RegionCLIP detectors, and ``*_OAI_CLIP.pth`` files stored in their names),
-``detectron2`` (plain detectors: the ``rpn_*.pth`` files of ``MODEL.CLIP.BB_RPN_WEIGHTS``) and
-``openai_clip`` (``visual.*`` + text tower, as a TorchScript archive or a state dict). Keys are
-renamed with explicit prefix tables and loaded non-strictly by exact name; the CLIP variant of
-every CLIP part is derived from tensor shapes and checked against the model first.
+``detectron2`` (plain detectors: the ``rpn_*.pth`` files of ``MODEL.CLIP.BB_RPN_WEIGHTS``),
+``detic`` (Detic's CustomRCNN, with ``zs_weight``) and ``openai_clip`` (``visual.*`` + text
+tower, as a TorchScript archive or a state dict). Keys are renamed with explicit prefix tables
+and loaded non-strictly by exact name; the CLIP variant of every CLIP part is derived from
+tensor shapes and checked against the model first.
 """
-import logging
 import math
 import os
 import pickle
 import re
 import warnings
 import zipfile
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .atomic import atomic_open
 from .config.variants import LEGACY_DEPTHS, VARIANTS
+from .download_pages import missing_file_message
+from .load_report import LoadReport
 
 __all__ = ["CheckpointError", "CheckpointMismatchError", "LoadReport", "VOCABULARY_KEYS",
-           "ZOO_HINT", "check_architecture", "detect_format", "load_checkpoint",
+           "check_architecture", "detect_format", "load_checkpoint",
            "read_checkpoint", "read_state_dict", "save_checkpoint"]
 
-logger = logging.getLogger(__name__)
-
-REGIONCLIP, DETECTRON2, OPENAI_CLIP = "regionclip", "detectron2", "openai_clip"
+REGIONCLIP, DETECTRON2, OPENAI_CLIP, DETIC = "regionclip", "detectron2", "openai_clip", "detic"
 # The classifier's text embeddings: pass as `skip_prefixes` so a user's vocabulary file wins
 # over the embeddings a fine-tuned checkpoint carries (the original let the checkpoint win).
 VOCABULARY_KEYS = ("roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.test_cls_score")
 
 _REGIONCLIP_PARTS = ("backbone", "teacher_backbone", "lang_encoder", "offline_backbone",
                      "offline_proposal_generator", "roi_heads")
-ZOO_HINT = "see MODEL_ZOO.md and pretrained_ckpt/README.md for where to download it"
 _OPENAI_TEXT = ("transformer", "token_embedding", "positional_embedding", "ln_final",
                 "text_projection")
 _OPENAI_DROPPED = {"logit_scale": "CLIP's learnt temperature; RegionCLIP uses a fixed one",
@@ -58,75 +55,11 @@ class CheckpointMismatchError(CheckpointError):
     """The checkpoint holds a different architecture than the model."""
 
 
-@dataclass
-class LoadReport:
-    """Outcome of :func:`load_checkpoint`; keys are model (target) names unless noted."""
-
-    path: str
-    format: str
-    loaded: List[str] = field(default_factory=list)
-    missing: List[str] = field(default_factory=list)  # kept their initialisation
-    unexpected: List[str] = field(default_factory=list)  # under a part the model has
-    unused: List[str] = field(default_factory=list)  # parts the model does not have, by design
-    mismatched: List[Tuple[str, tuple, tuple]] = field(default_factory=list)  # key, file, model
-    dropped: List[Tuple[str, str]] = field(default_factory=list)  # key, reason (on purpose)
-    model_keys: Tuple[str, ...] = field(default=(), repr=False)  # the keys this load targeted
-
-    def summary(self) -> str:
-        return "\n".join(self._info_lines() + self._warning_lines())
-
-    def log(self) -> None:
-        logger.info("\n".join(self._info_lines()))
-        problems = self._warning_lines()
-        if problems:
-            logger.warning("\n".join(problems))
-
-    def _info_lines(self) -> List[str]:
-        lines = [f"Loaded {len(self.loaded)} of {len(self.model_keys)} model tensors from "
-                 f"{self.path} (format {self.format})"]
-        if self.unused:
-            groups = Counter(k.split(".")[0] for k in self.unused)
-            lines.append("Unused by design (the model has no such part): "
-                         + ", ".join(f"{p} ({n} tensors)" for p, n in groups.items()))
-        groups = Counter((k.split(".")[0], reason) for k, reason in self.dropped)
-        lines += [f"Dropped on purpose: {p} ({n} tensors): {r}" for (p, r), n in groups.items()]
-        return lines
-
-    def _warning_lines(self) -> List[str]:
-        lines = [f"Skipped (shape mismatch, kept the model's value): {k}: checkpoint {f} vs "
-                 f"model {m}" for k, f, m in self.mismatched]
-        lines += [f"{p}: {n} tensors missing (kept their initialisation)"
-                  for p, n in _group(self.missing, self.model_keys).items()]
-        universe = self.loaded + self.unexpected + [k for k, _, _ in self.mismatched]
-        lines += [f"{p}: {n} tensors unexpected (not in the model)"
-                  for p, n in _group(self.unexpected, universe).items()]
-        return lines
-
-
-def _group(keys: Sequence[str], universe: Sequence[str]) -> Dict[str, int]:
-    """Count ``keys`` under the shortest module prefix whose keys in ``universe`` are all in
-    ``keys``: a wholly missing backbone is one line, a missing ``bbox_pred`` another."""
-    total, hit = Counter(), Counter()
-    for key in universe:
-        total.update(_prefixes(key))
-    for key in keys:
-        hit.update(_prefixes(key))
-    groups = Counter()
-    for key in keys:
-        groups[next(p for p in _prefixes(key) if hit[p] == total[p])] += 1
-    return dict(groups)
-
-
-def _prefixes(key: str) -> List[str]:
-    parts = key.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-
-
 def read_checkpoint(path: str) -> Any:
     """The object stored in ``path``, read without running pickled code (CPU tensors)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}; {ZOO_HINT}")
+        raise FileNotFoundError(missing_file_message(path, "checkpoint"))
     if path.endswith(".pkl"):
         raise CheckpointError(
             f"{path}: detectron2 .pkl checkpoints (pickled numpy dicts) are not supported, "
@@ -201,13 +134,13 @@ def detect_format(state_dict: Mapping[str, Any], path: str = "checkpoint") -> st
     tops = _tops(state_dict)
     if "visual" in tops or "token_embedding" in tops:
         return OPENAI_CLIP
-    if {"backbone", "proposal_generator"} <= tops:
-        return DETECTRON2
+    if {"backbone", "proposal_generator"} <= tops:  # Detic's have a zero-shot classifier
+        return DETIC if any(k.endswith(".zs_weight") for k in state_dict) else DETECTRON2
     if tops & set(_REGIONCLIP_PARTS):
         return REGIONCLIP
     raise CheckpointError(
         f"{path}: unknown checkpoint layout, top-level prefixes {sorted(tops)}; expected "
-        f"RegionCLIP ({', '.join(_REGIONCLIP_PARTS)}), detectron2 (backbone, "
+        f"RegionCLIP ({', '.join(_REGIONCLIP_PARTS)}), detectron2 or Detic (backbone, "
         "proposal_generator, roi_heads) or OpenAI CLIP (visual, transformer, token_embedding)")
 
 
@@ -236,11 +169,13 @@ def _convert_detector(state_dict, model_tops, offline_rpn: bool):
 
 
 def _convert_openai(state_dict, model_tops, offline_rpn: bool):
-    """visual -> backbone (and the teacher, when the model has one); text -> lang_encoder."""
+    """visual -> backbone (and teacher_backbone); text -> lang_encoder (Detic: text_encoder)."""
     if offline_rpn:
         raise CheckpointError("OpenAI CLIP weights hold no RPN; use them as MODEL.WEIGHTS")
     visual = ("backbone",) + (("teacher_backbone",) if "teacher_backbone" in model_tops else ())
-    prefix_map = {"visual": visual, **{t: (f"lang_encoder.{t}",) for t in _OPENAI_TEXT}}
+    text = "text_encoder" if "text_encoder" in model_tops else "lang_encoder"
+    visual = ("visual",) if text == "text_encoder" else visual  # Detic: image tower unused
+    prefix_map = {"visual": visual, **{t: (f"{text}.{t}",) for t in _OPENAI_TEXT}}
     dropped = [(k, _OPENAI_DROPPED[k]) for k in state_dict if k in _OPENAI_DROPPED]
     kept = {k: v for k, v in state_dict.items() if k not in _OPENAI_DROPPED}
     mapped, _ = _remap(kept, prefix_map, None)
@@ -248,7 +183,7 @@ def _convert_openai(state_dict, model_tops, offline_rpn: bool):
 
 
 _CONVERTERS = {REGIONCLIP: _convert_detector, DETECTRON2: _convert_detector,
-               OPENAI_CLIP: _convert_openai}
+               DETIC: _convert_detector, OPENAI_CLIP: _convert_openai}
 
 
 def _tops(keys) -> set:
@@ -358,13 +293,16 @@ def _match(report: LoadReport, mapped: Mapping[str, Any], model_state: Mapping,
             report.unexpected.append(key)
     report.loaded = list(to_load)
     handled = set(to_load) | {k for k, _, _ in report.mismatched}
-    report.missing = [k for k in report.model_keys
-                      if k not in handled and not _under(k, skip_prefixes)]
+    missing = [k for k in report.model_keys if k not in handled and not _under(k, skip_prefixes)]
+    explained = tuple(report.by_design)
+    report.missing = [k for k in missing if not _under(k, explained)]
+    report.missing_by_design = [k for k in missing if _under(k, explained)]
     return to_load
 
 
 def load_checkpoint(model: nn.Module, path: str, *, offline_rpn: bool = False,
-                    skip_prefixes: Sequence[str] = ()) -> LoadReport:
+                    skip_prefixes: Sequence[str] = (),
+                    by_design: Optional[Mapping[str, str]] = None) -> LoadReport:
     """Load ``path`` into ``model`` non-strictly by exact (renamed) key and log a report.
 
     Args:
@@ -373,6 +311,8 @@ def load_checkpoint(model: nn.Module, path: str, *, offline_rpn: bool = False,
             on purpose and the other model parts are left untouched.
         skip_prefixes: model key prefixes whose current values are kept (e.g.
             :data:`VOCABULARY_KEYS`, so a vocabulary file wins over stored embeddings).
+        by_design: model key prefix -> why the model needs no value from the file there; its
+            missing keys are logged with that reason at INFO, not as a warning.
     """
     state_dict, fmt = read_state_dict(path)
     model_state = model.state_dict()
@@ -380,7 +320,8 @@ def load_checkpoint(model: nn.Module, path: str, *, offline_rpn: bool = False,
     check_architecture(path, mapped, model_state)
     targets = [k for k in model_state
                if not offline_rpn or _under(k, tuple(_OFFLINE_IDENTITY))]
-    report = LoadReport(os.fspath(path), fmt, dropped=dropped, model_keys=tuple(targets))
+    report = LoadReport(os.fspath(path), fmt, dropped=dropped, model_keys=tuple(targets),
+                        by_design=dict(by_design or {}))
     to_load = _match(report, mapped, model_state, skip_prefixes)
     model.load_state_dict(to_load, strict=False)
     report.log()

@@ -6,14 +6,18 @@
     regionclip embed street.jpg --boxes "10,20,200,180;0,0,50,50" \\
         --weights pretrained_ckpt/regionclip/regionclip_pretrained-cc_rn50.pth --out regions.pth
 
-Inputs are checked before the model is loaded; the results json is written only once every
-image has been processed, atomically, so a failed run leaves no partial file.
+Inputs, and that the outputs can be written, are checked before the model is loaded; the
+results json is written only once every image has been processed, atomically, so a failed run
+leaves no partial file. Bad input is reported as one line with exit status 1
+(``REGIONCLIP_DEBUG=1`` shows the traceback); a read-only text-embedding cache only costs a
+warning.
 """
 import argparse
 import json
 import logging
 import os
 import sys
+import tempfile
 from typing import List, Sequence
 
 import cv2
@@ -21,15 +25,14 @@ import torch
 
 from .api import Detector
 from .atomic import atomic_open
-from .checkpoint import CheckpointError
 from .data.coco import check_class_names, class_names_from_file
-from .data.image_io import IMAGE_EXTENSIONS, read_image, read_image_size
+from .data.mapper import IMAGE_EXTENSIONS, read_image, read_image_size
+from .engine.defaults import USER_ERROR_STATUS, is_user_error, user_error_line
 from .evaluation.results import instances_to_coco_json, write_json_atomic
 from .modeling.precision import PRECISIONS
-from .visualization import draw_predictions, select_predictions
+from .visualization import DRAWING_BACKGROUND, draw_predictions, select_predictions
 
 logger = logging.getLogger("regionclip")
-USER_ERRORS = (OSError, ValueError, CheckpointError)  # reported as one line, exit status 1
 VIS_MAX_BOXES = 25  # as the original's visualize scripts
 
 
@@ -124,6 +127,22 @@ def read_boxes_json(path: str) -> list:
     return boxes
 
 
+def check_writable(path: str, folder: str, option: str) -> None:
+    """OSError naming ``option`` and ``path`` unless files can be created in ``folder`` (made
+    if missing): checked before the work, so that nothing is lost at its end."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise OSError(f"{option} {path}: cannot write into {folder} "
+                      f"({err.strerror or err}); choose a writable location") from err
+
+
+def check_out(path: str) -> None:
+    check_writable(path, os.path.dirname(os.path.abspath(path)), "--out")
+
+
 def load_detector(args) -> Detector:
     return Detector.from_pretrained(
         args.weights, args.rpn_weights, args.variant, args.device, config=args.config,
@@ -161,8 +180,8 @@ def draw_all(document: dict, folder: str, threshold: float) -> None:
         used.add(name)
         shown = select_predictions(per_image[image["id"]], threshold, unique_boxes=True,
                                    max_boxes=VIS_MAX_BOXES)
-        canvas = draw_predictions(read_image(image["file_name"], "BGR"), shown, names,
-                                  {k + 1: k for k in range(len(names))})
+        canvas = draw_predictions(read_image(image["file_name"], "BGR", DRAWING_BACKGROUND),
+                                  shown, names, {k + 1: k for k in range(len(names))})
         if not cv2.imwrite(os.path.join(folder, name), canvas):
             raise OSError(f"could not write {os.path.join(folder, name)}")
 
@@ -171,6 +190,9 @@ def run_detect(args) -> None:
     names = parse_classes(args.classes) if args.classes is not None else \
         class_names_from_file(args.vocabulary)
     paths = expand_images(args.images)
+    check_out(args.out)
+    if args.vis:
+        check_writable(args.vis, args.vis, "--vis")
     detector = load_detector(args)
     detector.set_vocabulary(names, embeddings=args.embeddings)
     results = detector(paths, batch_size=args.batch_size)
@@ -186,6 +208,7 @@ def run_detect(args) -> None:
 def run_embed(args) -> None:
     boxes = parse_boxes(args.boxes) if args.boxes is not None else read_boxes_json(args.boxes_json)
     read_image_size(args.image)
+    check_out(args.out)
     embeddings = load_detector(args).embed_regions(args.image, boxes)
     with atomic_open(args.out, "wb") as f:
         torch.save({"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
@@ -206,9 +229,11 @@ def main(argv: Sequence[str] = None) -> int:
     _setup_logging(args.quiet)
     try:
         run_detect(args) if args.command == "detect" else run_embed(args)
-    except USER_ERRORS as err:
-        print(f"regionclip {args.command}: error: {err}", file=sys.stderr)
-        return 1
+    except Exception as err:
+        if not is_user_error(err):  # a bug, or REGIONCLIP_DEBUG=1: the traceback
+            raise
+        print(user_error_line(f"regionclip {args.command}", err), file=sys.stderr)
+        return USER_ERROR_STATUS
     return 0
 
 

@@ -43,12 +43,10 @@ def _backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def _worker(local_rank, main_func, args, num_gpus, num_machines, machine_rank, dist_url):
-    world_size = num_gpus * num_machines
-    rank = machine_rank * num_gpus + local_rank
-    os.environ["LOCAL_RANK"] = str(local_rank)
-    dist.init_process_group(_backend(), init_method=dist_url, world_size=world_size, rank=rank,
-                            timeout=timedelta(minutes=30))
+def _run_in_group(main_func: Callable, args: Sequence, local_rank: int, **init_kwargs) -> None:
+    """Join the process group (``init_kwargs``: its rendezvous, else the environment's), pin
+    this process's GPU, run ``main_func(*args)`` after a barrier, and leave the group."""
+    dist.init_process_group(_backend(), timeout=timedelta(minutes=30), **init_kwargs)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     try:
@@ -56,6 +54,12 @@ def _worker(local_rank, main_func, args, num_gpus, num_machines, machine_rank, d
         main_func(*args)
     finally:
         dist.destroy_process_group()
+
+
+def _worker(local_rank, main_func, args, num_gpus, num_machines, machine_rank, dist_url):
+    os.environ["LOCAL_RANK"] = str(local_rank)
+    _run_in_group(main_func, args, local_rank, init_method=dist_url,
+                  world_size=num_gpus * num_machines, rank=machine_rank * num_gpus + local_rank)
 
 
 def launch(
@@ -73,13 +77,7 @@ def launch(
     counts CPU processes (gloo), which is how the multi-process paths are tested.
     """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(_backend(), timeout=timedelta(minutes=30))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(get_local_rank())
-        try:
-            main_func(*args)
-        finally:
-            dist.destroy_process_group()
+        _run_in_group(main_func, args, get_local_rank())
         return
     world_size = num_gpus_per_machine * num_machines
     if world_size == 1:

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from .checkpoint import DETECTRON2, OPENAI_CLIP, ZOO_HINT, read_state_dict, visual_arch
+from .checkpoint import DETECTRON2, OPENAI_CLIP, read_state_dict, visual_arch
 from .config.variants import get_variant
 
-__all__ = ["CONFIGS_ENV", "DETECTOR_WEIGHTS", "RPN_WEIGHTS", "ZOO_HINT", "CheckpointContents",
+__all__ = ["CONFIGS_ENV", "DETECTOR_WEIGHTS", "RPN_WEIGHTS", "CheckpointContents",
            "DetectorWeights", "RPNWeights", "config_path", "find_companion",
            "inspect_checkpoint", "rpn_for_layout"]
 

@@ -5,8 +5,11 @@ LVIS on a CPU; the result depends only on the text-tower weights, the templates 
 so it is cached under exactly that key: ``$REGIONCLIP_CACHE`` (default
 ``~/.cache/regionclip``)/``text/<tower digest>-<template digest>/<name digest>.pth``. The tower
 digest is a hash of the tower's tensors; it is remembered per weights file (path, size, mtime)
-so that a fully cached vocabulary never loads the tower.
+so that a fully cached vocabulary never loads the tower. A damaged entry (unreadable, or not
+finite) is recomputed with a warning; a cache folder that cannot be written costs a warning and
+the names are encoded without caching.
 """
+import contextlib
 import hashlib
 import logging
 import os
@@ -53,11 +56,12 @@ def tower_digest(encoder: nn.Module) -> str:
 
 
 class TextEmbeddingCache:
-    """One [1, D] file per (tower, templates, name); missing or unreadable entries are None."""
+    """One [1, D] file per (tower, templates, name); missing or damaged entries are None."""
 
     def __init__(self, root: str, templates: Sequence[str] = PROMPT_TEMPLATES):
         self.root = root
         self.templates_digest = _sha(_RECIPE + "\n" + "\n".join(templates))
+        self.writable = True  # until a write fails
 
     def _path(self, digest: str, name: str) -> str:
         folder = f"{digest}-{self.templates_digest}"
@@ -69,12 +73,14 @@ class TextEmbeddingCache:
             return None
         try:
             return load_embeddings(path, expected_dim=dim)[0]
-        except (ValueError, RuntimeError, OSError):  # a damaged entry is recomputed
-            logger.warning("Ignoring unreadable cache entry %s", path)
+        except (ValueError, OSError) as err:
+            logger.warning("Recomputing the damaged cache entry %s: %s", path, err)
             return None
 
     def put(self, digest: str, name: str, embedding: torch.Tensor) -> None:
-        save_embeddings(embedding.reshape(1, -1), self._path(digest, name))
+        if self.writable:
+            with self._read_only_warns():
+                save_embeddings(embedding.reshape(1, -1), self._path(digest, name))
 
     def _memo_path(self, identity: str) -> str:
         return os.path.join(self.root, "text", "towers", _sha(identity))
@@ -87,8 +93,21 @@ class TextEmbeddingCache:
             return ""
 
     def remember_digest(self, identity: str, digest: str) -> None:
-        with atomic_open(self._memo_path(identity), "w", encoding="utf-8") as f:
-            f.write(digest)
+        if self.writable:
+            with self._read_only_warns(), \
+                    atomic_open(self._memo_path(identity), "w", encoding="utf-8") as f:
+                f.write(digest)
+
+    @contextlib.contextmanager
+    def _read_only_warns(self):
+        """A cache folder that cannot be written costs one warning (and no further writes):
+        only the time of encoding the names again is lost."""
+        try:
+            yield
+        except OSError as err:
+            self.writable = False
+            logger.warning("Cannot write the text-embedding cache in %s (%s); encoding class "
+                           "names without caching", self.root, err)
 
 
 def _file_identity(path: str, variant: CLIPVariant) -> str:

@@ -375,3 +375,38 @@ def test_rn50_pretrained_into_real_clip_modules(tmp_path):
     assert not (report.missing or report.unexpected or report.mismatched)
     assert sorted(report.unused) == keys_under(shapes, "teacher_backbone.")
     _assert_values(model, {k: v for k, v in stored.items() if not k.startswith("teacher_")})
+
+
+BG, BBOX = "roi_heads.box_predictor.cls_bg_score", "roi_heads.box_predictor.bbox_pred"
+
+
+def test_keys_missing_by_design_are_reported_at_info_with_their_reason(tmp_path, caplog):
+    model_shapes = box_predictor_shapes(1024)
+    kept = "roi_heads.box_predictor.cls_score.weight"
+    path = _save(tmp_path, make_state_dict({kept: model_shapes[kept]}))
+    by_design = {BG: "fixed at zero", BBOX: "deltas not applied"}
+    with caplog.at_level(logging.INFO, logger="regionclip.checkpoint"):
+        report = load_checkpoint(module_from_shapes(model_shapes), path, by_design=by_design)
+    assert report.missing == []
+    assert sorted(report.missing_by_design) == [f"{BBOX}.bias", f"{BBOX}.weight", f"{BG}.weight"]
+    info = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+    assert f"Missing by design (kept their initialisation): {BBOX} (2 tensors): deltas not " \
+           "applied" in info
+    assert f"Missing by design (kept their initialisation): {BG} (1 tensors): fixed at zero" in info
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_by_design_hides_no_other_gap_and_still_loads_what_the_file_has(tmp_path, caplog):
+    model_shapes = box_predictor_shapes(1024)
+    gap = "roi_heads.box_predictor.cls_score.weight"
+    state = make_state_dict({k: s for k, s in model_shapes.items() if k != gap}, seed=3)
+    model = module_from_shapes(model_shapes)
+    by_design = {BG: "fixed at zero", BBOX: "deltas not applied",
+                 "roi_heads.box_predictor.cls": "a prefix is a module path, not a string start"}
+    with caplog.at_level(logging.INFO, logger="regionclip.checkpoint"):
+        report = load_checkpoint(model, _save(tmp_path, state), by_design=by_design)
+    assert report.missing == [gap] and report.missing_by_design == []
+    _assert_values(model, state)
+    assert "Missing by design" not in report.summary()
+    line = "roi_heads.box_predictor.cls_score: 1 tensors missing (kept their initialisation)"
+    assert any(r.levelno == logging.WARNING and line in r.getMessage() for r in caplog.records)

@@ -35,10 +35,8 @@ SCRIPT_NAMES = [
     "extract_concept_features.sh",
     "pretrain.sh",
 ]
-README_CANDIDATES = [
-    REPO / "shared" / "seeds" / "regionclip_readme.md",
-    REPO.parent / "shared" / "seeds" / "regionclip_readme.md",
-]
+# The original README's command lines (a copy: the seed README is not part of the repository).
+SEED_README_COMMANDS = REPO / "tests" / "data" / "seed_readme_commands.md"
 SCRIPT_HEADER = ["set -euo pipefail", 'cd "$(dirname "$(readlink -f "$0")")/.."']
 KEY_RE = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z][A-Z0-9_]*)*$")
 COCO_OVD = REPO / "configs/COCO-InstanceSegmentation/CLIP_fast_rcnn_R_50_C4_ovd.yaml"
@@ -78,10 +76,7 @@ def _config_commands(text):
     return commands
 
 
-def _readme_commands():
-    readme = next((p for p in README_CANDIDATES if p.is_file()), None)
-    if readme is None:
-        return []
+def _readme_commands(readme):
     blocks = readme.read_text(encoding="utf-8").split("```")[1::2]
     return [cmd for block in blocks for cmd in _config_commands(block)]
 
@@ -134,11 +129,11 @@ def test_scripts_contain_the_commands_they_document():
     assert counts["test_zeroshot_inference.sh"] == 8  # {RN50, RN50x4} x {COCO, LVIS} x {GT, RPN}
 
 
-def test_readme_command_lines_load():
-    commands = _readme_commands()
-    if not commands:
-        pytest.skip("seed README (shared/seeds/regionclip_readme.md) not available")
-    assert len(commands) >= 4
+@pytest.mark.parametrize("readme, count", [(SEED_README_COMMANDS, 4), (REPO / "README.md", 3)],
+                         ids=["original", "ours"])
+def test_readme_command_lines_load(readme, count):
+    commands = _readme_commands(readme)
+    assert len(commands) >= count
     for config, overrides in commands:
         _load_command(config, overrides)
 

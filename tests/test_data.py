@@ -14,8 +14,13 @@ from PIL import Image
 
 from regionclip.data import catalog, coco_ovd
 from regionclip.data.coco import load_coco_json, load_image_folder, load_lvis_json
-from regionclip.data.image_io import ImageReadError, read_image, read_image_size
-from regionclip.data.mapper import ImageSizeMismatchError, InferenceMapper
+from regionclip.data.mapper import (
+    ImageReadError,
+    ImageSizeMismatchError,
+    InferenceMapper,
+    read_image,
+    read_image_size,
+)
 from regionclip.data.transforms import (
     RandomHorizontalFlip,
     ResizeShortestEdge,

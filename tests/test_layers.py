@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "regionclip"
 # Lowest first; a module may import its own unit and any unit of a lower layer.
 LAYERS = (
-    ("ops", "atomic", "distributed", "prompts"),
+    ("ops", "atomic", "distributed", "prompts", "download_pages", "load_report"),
     ("config",),
     ("structures", "checkpoint"),
     ("model_zoo",),
@@ -20,7 +20,7 @@ LAYERS = (
 )
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 FRONT_DOOR = set(LAYERS[-1])
-CFG_READERS = ("config/", "modeling/build.py", "data/", "engine/")
+CFG_READERS = ("config/", "modeling/build.py", "modeling/detic/build.py", "data/", "engine/")
 
 
 def _unit(module: str) -> str:

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from regionclip.config.variants import get_variant
 from regionclip.modeling.box_predictor import InferenceSettings, TextEmbeddingPredictor
 from regionclip.modeling.clip_resnet import CLIPResNet, pool_regions
-from regionclip.modeling.region_head import MaskHead, RegionHead, paste_masks
+from regionclip.modeling.region_head import MaskHead, RegionHead, missing_by_design, paste_masks
 from regionclip.ops import roi_align  # torchvision's
 from regionclip.structures import Boxes, Instances
 
@@ -308,3 +309,24 @@ def test_paste_masks_matches_pixel_loop(seed):
 def test_paste_masks_of_no_detections():
     pasted = paste_masks(torch.zeros(0, 1, 4, 4), torch.zeros(0, 4), (7, 9))
     assert pasted.shape == (0, 7, 9) and pasted.dtype == torch.bool
+
+
+def _model_with(head: RegionHead) -> nn.Module:
+    model = nn.Module()
+    model.roi_heads = head
+    return model
+
+
+def test_missing_by_design_follows_box_deltas_mask_head_and_training():
+    bg, bbox = "roi_heads.box_predictor.cls_bg_score", "roi_heads.box_predictor.bbox_pred"
+    zero_shot = _model_with(_head(no_box_delta=True))
+    assert set(missing_by_design(zero_shot, training=False)) == {bg, bbox}
+    # deltas are applied: a checkpoint without bbox_pred is a real gap, not one by design
+    assert set(missing_by_design(_model_with(_head()), training=False)) == {bg}
+    masks = _model_with(_head(mask_head=MaskHead(TINY.attnpool_dim, conv_dim=8)))
+    assert set(missing_by_design(masks, training=True)) == {bg, bbox, "roi_heads.mask_head"}
+    assert set(missing_by_design(masks, training=False)) == {bg}
+    assert missing_by_design(nn.Module(), training=True) == {}
+    keys = list(masks.state_dict())
+    for prefix in missing_by_design(masks, training=True):
+        assert any(k.startswith(prefix + ".") for k in keys), prefix

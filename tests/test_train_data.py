@@ -1,7 +1,9 @@
 """Training data: samplers (sharding, restart, repeat factors), batching, the training mapper
 (resize + flip of images, boxes and masks) and the training loader built from a config."""
 import json
+import logging
 import math
+import os
 from itertools import islice
 
 import numpy as np
@@ -16,11 +18,16 @@ from PIL import Image
 from regionclip.config import get_cfg
 from regionclip.data.loader import (
     TrainingLoader,
+    _log_capped,
+    available_cpus,
+    build_test_loader,
     build_train_loader,
     build_training_sampler,
+    cap_workers,
     per_process_batch,
     training_records,
 )
+from regionclip.data.mapper import TrainingMapper, polygons_to_mask, training_instances
 from regionclip.data.samplers import (
     RepeatFactorTrainingSampler,
     TrainingSampler,
@@ -28,7 +35,6 @@ from regionclip.data.samplers import (
     batched_items,
     repeat_factors_from_category_frequency,
 )
-from regionclip.data.train_mapper import TrainingMapper, polygons_to_mask, training_instances
 from regionclip.data.transforms import ResizeTransform
 from regionclip.structures import BoxMode
 
@@ -287,3 +293,21 @@ def test_build_train_loader_from_config(tmp_path):
             assert item["image_id"] in (3, 4, 5, 6)
     with pytest.raises(ValueError, match="not divisible"):
         per_process_batch(3, 2)
+
+
+def test_workers_are_capped_by_the_cores_this_process_may_use(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    _log_capped.cache_clear()
+    assert available_cpus() == 2
+    with caplog.at_level(logging.INFO, logger="regionclip"):
+        assert cap_workers(4) == 2
+        assert (cap_workers(2), cap_workers(1), cap_workers(0)) == (2, 1, 0)
+    assert caplog.text.count("DATALOADER.NUM_WORKERS 4 capped to 2") == 1
+    assert build_test_loader([{}] * 3, dict, num_workers=8).num_workers == 2
+    cfg = get_cfg()
+    cfg.DATASETS.TRAIN = (_dataset_with_empty_images(tmp_path),)
+    cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS = 2, 6
+    assert build_train_loader(cfg).num_workers == 2
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # no affinity on macOS, Windows
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert available_cpus() == 3 and cap_workers(4) == 3

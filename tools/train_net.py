@@ -17,9 +17,11 @@ Evaluation runs inference on every dataset of ``DATASETS.TEST`` and writes
 its proposals (AR@100, AR@1000, R@k_IoU0.5/0.7). The steps are in
 ``regionclip/engine/defaults.py``.
 """
-from regionclip.distributed import launch
-from regionclip.engine.defaults import default_argument_parser, main
+import sys
+
+from regionclip.engine.defaults import default_argument_parser, main, run
+
+__all__ = ["default_argument_parser", "main", "run"]  # main: what the tests run in-process
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    launch(main, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url, (args,))
+    sys.exit(run(default_argument_parser().parse_args()))

@@ -19,9 +19,9 @@ import cv2
 import tqdm
 
 from regionclip.data.catalog import DEFAULT_CUSTOM_IMAGE_DIR, get_dataset_dicts, get_metadata
-from regionclip.data.image_io import read_image
+from regionclip.data.mapper import read_image
 from regionclip.engine.defaults import setup_logging
-from regionclip.visualization import draw_predictions, select_predictions
+from regionclip.visualization import DRAWING_BACKGROUND, draw_predictions, select_predictions
 
 RESULT_KEYS = ("image_id", "category_id", "bbox", "score")
 
@@ -109,8 +109,8 @@ def main(argv=None) -> List[str]:
             by_image.get(record["image_id"], []), args.conf_threshold, args.show_unique_boxes,
             args.max_boxes, args.small_region_px,
         )
-        image = draw_predictions(read_image(record["file_name"], "BGR"), predictions,
-                                 metadata.thing_classes, category_to_index)
+        image = read_image(record["file_name"], "BGR", background=DRAWING_BACKGROUND)
+        image = draw_predictions(image, predictions, metadata.thing_classes, category_to_index)
         if not cv2.imwrite(path, image):
             raise OSError(f"could not write {path} (unsupported extension or unwritable folder)")
         drawn += len(predictions)

@@ -19,17 +19,9 @@ from .defaults import _C
 from .variants import CLIPVariant, get_variant, variant_from_depth
 
 __all__ = [
-    "CLIP_BACKBONE_NAME",
-    "ConfigError",
-    "get_cfg",
-    "merge_config_file",
-    "merge_overrides",
-    "load_config",
-    "uses_clip_backbone",
-    "resolve_clip_variant",
-    "check_clip_settings",
-    "finalize_clip_settings",
-    "dump_config",
+    "CLIP_BACKBONE_NAME", "ConfigError", "get_cfg", "merge_config_file", "merge_overrides",
+    "load_config", "uses_clip_backbone", "resolve_clip_variant", "check_clip_settings",
+    "finalize_clip_settings", "dump_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -59,9 +51,6 @@ def get_cfg() -> CfgNode:
     return _C.clone()
 
 
-# ---------------------------------------------------------------------------------------------
-# YAML files
-# ---------------------------------------------------------------------------------------------
 class _WarnDuplicatesLoader(yaml.SafeLoader):
     """Safe loader that warns when a mapping repeats a key (the last value still wins)."""
 
@@ -70,12 +59,8 @@ class _WarnDuplicatesLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                logger.warning(
-                    "%s:%d: duplicate key %r in one mapping; the last one wins",
-                    self.name,
-                    key_node.start_mark.line + 1,
-                    key,
-                )
+                logger.warning("%s:%d: duplicate key %r in one mapping; the last one wins",
+                               self.name, key_node.start_mark.line + 1, key)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -130,18 +115,6 @@ def _flatten(data: Dict[str, Any], node: CfgNode, prefix: str = "") -> List[Tupl
     return pairs
 
 
-# ---------------------------------------------------------------------------------------------
-# Merging
-# ---------------------------------------------------------------------------------------------
-def _has_key(cfg: CfgNode, full_key: str) -> bool:
-    node: Any = cfg
-    for part in full_key.split("."):
-        if not isinstance(node, CfgNode) or part not in node:
-            return False
-        node = node[part]
-    return True
-
-
 def _read(cfg: CfgNode, full_key: str) -> Any:
     node: Any = cfg
     for part in full_key.split("."):
@@ -150,6 +123,7 @@ def _read(cfg: CfgNode, full_key: str) -> Any:
 
 
 def _all_keys(node: CfgNode, prefix: str = "") -> List[str]:
+    """Every full key of the tree, nodes and leaves ("MODEL", "MODEL.WEIGHTS", ...)."""
     keys = []
     for key, value in node.items():
         keys.append(prefix + key)
@@ -158,8 +132,7 @@ def _all_keys(node: CfgNode, prefix: str = "") -> List[str]:
     return keys
 
 
-def _unknown_key_message(cfg: CfgNode, unknown: Sequence[str], source: str) -> str:
-    known = _all_keys(cfg)
+def _unknown_key_message(known: List[str], unknown: Sequence[str], source: str) -> str:
     lines = [f"Unknown config key(s) in {source}:"]
     for key in unknown:
         close = difflib.get_close_matches(key, known, n=1)
@@ -169,9 +142,10 @@ def _unknown_key_message(cfg: CfgNode, unknown: Sequence[str], source: str) -> s
 
 def _merge_pairs(cfg: CfgNode, pairs: Sequence[Tuple[str, Any]], source: str) -> None:
     """Set each key to its value with yacs' literal decoding and type checks."""
-    unknown = [key for key, _ in pairs if not _has_key(cfg, key)]
+    known = _all_keys(cfg)
+    unknown = [key for key, _ in pairs if key not in known]
     if unknown:
-        raise ConfigError(_unknown_key_message(cfg, unknown, source))
+        raise ConfigError(_unknown_key_message(known, unknown, source))
     for key, value in pairs:
         try:
             cfg.merge_from_list([key, value])
@@ -200,20 +174,14 @@ def merge_overrides(
 
 def load_config(path: str, overrides: Iterable[Any] = ()) -> CfgNode:
     """Defaults, then ``path`` (with ``_BASE_``), then ``KEY VALUE`` overrides; CLIP-checked.
-
-    Raises:
-        ConfigError: unknown key, bad value or inconsistent CLIP settings; the message names
-            the key and the file (or "command-line overrides").
-    """
+    Raises ConfigError for an unknown key, a bad value or inconsistent CLIP settings, naming
+    the key and the file (or "command-line overrides")."""
     cfg = merge_config_file(get_cfg(), path)
     merge_overrides(cfg, list(overrides))
     check_clip_settings(cfg)
     return cfg
 
 
-# ---------------------------------------------------------------------------------------------
-# CLIP variant consistency
-# ---------------------------------------------------------------------------------------------
 def uses_clip_backbone(cfg: CfgNode) -> bool:
     """Whether the model's trunk is a CLIP ResNet (the variant checks apply only then)."""
     return cfg.MODEL.BACKBONE.NAME == CLIP_BACKBONE_NAME
@@ -233,10 +201,8 @@ def _variant_source(cfg: CfgNode, teacher: bool = False) -> str:
 
 
 def resolve_clip_variant(cfg: CfgNode, teacher: bool = False) -> CLIPVariant:
-    """The CLIP ResNet named by ``MODEL.CLIP.VARIANT`` or, when empty, the legacy depth.
-
-    ``teacher=True`` reads ``TEACHER_VARIANT`` / ``TEACHER_RESNETS_DEPTH`` instead.
-    """
+    """The CLIP ResNet named by ``MODEL.CLIP.VARIANT`` or, when empty, the legacy depth
+    (``teacher=True``: ``TEACHER_VARIANT`` / ``TEACHER_RESNETS_DEPTH``)."""
     name_key, depth_key = _variant_keys(teacher)
     name = _read(cfg, name_key)
     try:
@@ -267,16 +233,10 @@ def check_clip_settings(cfg: CfgNode) -> None:
     student, teacher = resolve_clip_variant(cfg), resolve_clip_variant(cfg, teacher=True)
     via, teacher_via = _variant_source(cfg), _variant_source(cfg, teacher=True)
     _check_derived(cfg, "MODEL.CLIP.TEXT_EMB_DIM", student.embed_dim, student.name, via)
-    _check_derived(
-        cfg, "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", student.pooler_resolution, student.name, via
-    )
-    _check_derived(
-        cfg,
-        "MODEL.CLIP.TEACHER_POOLER_RESOLUTION",
-        teacher.pooler_resolution,
-        teacher.name,
-        teacher_via,
-    )
+    _check_derived(cfg, "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", student.pooler_resolution,
+                   student.name, via)
+    _check_derived(cfg, "MODEL.CLIP.TEACHER_POOLER_RESOLUTION", teacher.pooler_resolution,
+                   teacher.name, teacher_via)
     res2, expected = cfg.MODEL.RESNETS.RES2_OUT_CHANNELS, student.stage_channels[0]
     if res2 not in (_DEFAULT_RES2_CHANNELS, expected):
         raise ConfigError(
@@ -312,15 +272,9 @@ def finalize_clip_settings(cfg: CfgNode) -> CfgNode:
     return cfg
 
 
-# ---------------------------------------------------------------------------------------------
-# Dump
-# ---------------------------------------------------------------------------------------------
 def dump_config(cfg: CfgNode, output_dir: str) -> str:
-    """Write ``cfg`` to ``output_dir/config.yaml`` atomically; return the file path.
-
-    The text goes to a temporary file in the same folder first and is then renamed over the
-    target, so a crash never leaves a truncated config behind.
-    """
+    """Write ``cfg`` to ``output_dir/config.yaml`` atomically (a crash never leaves a truncated
+    config behind); return the file path."""
     path = os.path.join(output_dir, DUMP_FILE_NAME)
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(cfg.dump())

@@ -17,7 +17,8 @@ _C.VERSION = 2
 # Model
 # ---------------------------------------------------------------------------------------------
 _C.MODEL = CfgNode()
-_C.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"  # CLIPFastRCNN, PretrainFastRCNN, GeneralizedRCNN
+# CLIPFastRCNN, PretrainFastRCNN, GeneralizedRCNN, CustomRCNN (Detic)
+_C.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
 _C.MODEL.WEIGHTS = ""  # checkpoint to initialise from ("" = none)
 _C.MODEL.DEVICE = "cuda"  # torch device string
 # Sum < 3 selects 0-1 scaled input (CLIP); otherwise 0-255 (detectron2 BGR models).
@@ -88,7 +89,8 @@ _C.MODEL.RPN.NMS_THRESH = 0.7
 _C.MODEL.RPN.CONV_DIMS = [-1]  # head convs; -1 = input channels ([-1, -1] for the LSJ RPN)
 
 _C.MODEL.ROI_HEADS = CfgNode()
-_C.MODEL.ROI_HEADS.NAME = "Res5ROIHeads"  # CLIPRes5ROIHeads, PretrainRes5ROIHeads, StandardROIHeads
+# CLIPRes5ROIHeads, PretrainRes5ROIHeads, StandardROIHeads, CustomRes5ROIHeads (Detic)
+_C.MODEL.ROI_HEADS.NAME = "Res5ROIHeads"
 _C.MODEL.ROI_HEADS.NUM_CLASSES = 80  # foreground classes; must equal the TEXT_EMB_PATH rows
 _C.MODEL.ROI_HEADS.IN_FEATURES = ["res4"]  # exactly one entry for C4 heads
 _C.MODEL.ROI_HEADS.IOU_THRESHOLDS = [0.5]  # proposal foreground IoU
@@ -272,3 +274,49 @@ _C.INPUT_DIR = "./datasets/custom_images"  # input folder of the feature-extract
 _C.SEED = -1  # negative = random seed
 _C.CUDNN_BENCHMARK = False
 _C.VIS_PERIOD = 0  # iterations between training visualisations; 0 = off
+
+# ---------------------------------------------------------------------------------------------
+# Detic (facebookresearch/Detic) open-vocabulary COCO models: META_ARCHITECTURE CustomRCNN, and
+# the weak supervision (image labels, captions) also offered to CLIPFastRCNN. Detic's key names.
+# ---------------------------------------------------------------------------------------------
+_C.WITH_IMAGE_LABELS = False  # train on image-labelled / captioned data too (DATASET_ANN)
+_C.FP16 = False  # CUDA only: float16 backbone at test, autocast + gradient scaler in training
+_C.MODEL.WITH_CAPTION = False  # build the frozen CLIP text tower for the caption loss
+_C.MODEL.SYNC_CAPTION_BATCH = False  # all-gather the captions of every process as classifier
+_C.MODEL.CAP_BATCH_RATIO = 4  # zero caption rows a process on a box batch adds per image (sync)
+# Text tower of the caption loss of CustomRCNN: "ViT-B/32" (Detic's) or a CLIP variant name.
+_C.MODEL.CAPTION_TEXT_TOWER = "ViT-B/32"
+# CLIP checkpoint holding that tower (OpenAI's ViT-B-32.pt, Detic's caption models); "" = none.
+_C.MODEL.CAPTION_TEXT_WEIGHTS = ""
+_C.MODEL.RESET_CLS_TESTS = False  # classify each DATASETS.TEST entry with its TEST_CLASSIFIERS
+_C.MODEL.TEST_CLASSIFIERS = []  # class-embedding files (.npy [C, D]), one per test dataset
+_C.MODEL.TEST_NUM_CLASSES = []  # their class counts, one per test dataset
+_C.MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE = False  # per-class sigmoid loss and scores (else softmax)
+_C.MODEL.ROI_BOX_HEAD.USE_ZEROSHOT_CLS = False  # CLIP-embedding classifier (CustomRCNN needs it)
+# [C, D] class embeddings (.npy as Detic ships them, or a torch file); "" = filled by a checkpoint.
+_C.MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH = ""
+_C.MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_DIM = 512  # D, the projection width
+_C.MODEL.ROI_BOX_HEAD.NORM_WEIGHT = True  # L2-normalise region features and class embeddings
+_C.MODEL.ROI_BOX_HEAD.NORM_TEMP = 50.0  # logit scale of the normalised features
+_C.MODEL.ROI_BOX_HEAD.USE_BIAS = 0.0  # < 0: a learnable logit bias starting at this value
+_C.MODEL.ROI_BOX_HEAD.IGNORE_ZERO_CATS = False  # no loss on classes without training images
+_C.MODEL.ROI_BOX_HEAD.CAT_FREQ_PATH = ""  # per-class image_count json (tools/prepare_detic_coco.py)
+_C.MODEL.ROI_BOX_HEAD.FED_LOSS_FREQ_WEIGHT = 0.5  # exponent applied to those counts
+_C.MODEL.ROI_BOX_HEAD.IMAGE_LABEL_LOSS = "max_size"  # max_size, max_score, first, image
+_C.MODEL.ROI_BOX_HEAD.IMAGE_LOSS_WEIGHT = 0.1  # weight of the image-label + caption loss
+_C.MODEL.ROI_BOX_HEAD.WS_NUM_PROPS = 128  # top proposals scored on image-labelled images
+_C.MODEL.ROI_BOX_HEAD.ADD_IMAGE_BOX = False  # add a whole-image box after them
+_C.MODEL.ROI_BOX_HEAD.IMAGE_BOX_SIZE = 1.0  # < 1: a centred box of this relative size instead
+_C.MODEL.ROI_BOX_HEAD.CAPTION_WEIGHT = 1.0  # of the caption loss inside the image loss
+_C.MODEL.ROI_BOX_HEAD.NEG_CAP_WEIGHT = 0.125  # of the other captions' (negative) terms
+_C.MODEL.ROI_BOX_HEAD.SOFTMAX_WEAK_LOSS = False  # max_size: softmax CE instead of sigmoid BCE
+_C.INPUT.CUSTOM_AUG = ""  # "ResizeShortestEdge": per-dataset DATASET_MIN/MAX_SIZES (mixed data)
+# MultiDatasetSampler (DATALOADER.SAMPLER_TRAIN): one entry per DATASETS.TRAIN dataset.
+_C.DATALOADER.DATASET_RATIO = [1, 1]  # share of the draws from each dataset
+_C.DATALOADER.USE_RFS = [False, False]  # repeat-factor sampling inside a dataset (not carried)
+_C.DATALOADER.DATASET_ANN = ["box", "box"]  # box, image, caption or captiontag supervision
+_C.DATALOADER.MULTI_DATASET_GROUPING = False  # each batch from one dataset (always, here)
+_C.DATALOADER.USE_DIFF_BS_SIZE = False  # per-process batch DATASET_BS[d] (else IMS_PER_BATCH)
+_C.DATALOADER.DATASET_BS = [8, 32]  # images per process and batch, per dataset
+_C.DATALOADER.DATASET_MIN_SIZES = [[640, 800], [320, 400]]  # short-side range, per dataset
+_C.DATALOADER.DATASET_MAX_SIZES = [1333, 667]  # long-side cap, per dataset

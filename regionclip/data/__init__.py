@@ -6,8 +6,12 @@ from regionclip.data.catalog import (
     list_datasets,
     register_coco_json,
 )
-from regionclip.data.image_io import ImageReadError, read_image
-from regionclip.data.mapper import InferenceMapper, build_inference_mapper
+from regionclip.data.mapper import (
+    ImageReadError,
+    InferenceMapper,
+    build_inference_mapper,
+    read_image,
+)
 
 __all__ = [
     "ImageReadError",

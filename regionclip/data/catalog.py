@@ -9,10 +9,14 @@ Built-in names (paths relative to ``$DETECTRON2_DATASETS``, default ``./datasets
   the 866 base (frequent + common) classes, ``lvis_v1_{train,val}_fullysup`` are not.
 - ``lvis_v1_{train,val}_custom_img``: every image of a folder (``INPUT_DIR``) with the LVIS
   vocabulary; results are written but not evaluated.
+- Detic's OV-COCO names: ``coco_zeroshot_train_oriorder``, ``coco_generalized_zeroshot_val``
+  (80-category jsons; ``tools/prepare_detic_coco.py``) and ``coco_caption_train_tags`` (image
+  labels and captions, see ``regionclip.data.image_labels``).
 
 A COCO-format dataset of your own needs no code: name it
 ``coco_json:<path/to/annotations.json>:<path/to/image_dir>`` (paths as given, not under the
-root), or call ``register_coco_json(name, json_file, image_root)`` once before use.
+root), or call ``register_coco_json(name, json_file, image_root)`` once before use. Image-labelled
+data in Detic's format is named ``image_labels:<path/to/labels.json>:<path/to/image_dir>``.
 """
 
 import dataclasses
@@ -29,11 +33,14 @@ from regionclip.data.coco import (
     lvis_base_categories,
     read_categories,
 )
+from regionclip.data.image_labels import load_image_label_json
+from regionclip.download_pages import missing_file_message
 
 DATASETS_ENV = "DETECTRON2_DATASETS"
 DEFAULT_ROOT = "datasets"
 DEFAULT_CUSTOM_IMAGE_DIR = os.path.join("datasets", "custom_images")
 COCO_JSON_PREFIX = "coco_json:"
+IMAGE_LABELS_PREFIX = "image_labels:"
 # The original caps ground-truth boxes per LVIS image (GT-box inference memory).
 LVIS_MAX_ANNOTATIONS = 500
 _README_HINT = "see datasets/README.md for the expected layout"
@@ -45,7 +52,7 @@ class DatasetSpec:
 
     image_root: str
     json_file: str
-    format: str  # "coco", "lvis" or "image_folder"
+    format: str  # "coco", "lvis", "image_folder" or "image_labels"
     evaluator_type: str  # "coco", "lvis" or "" (no evaluator)
     evaluate: bool = True  # False: results json only (no ground truth to compare with)
     lvis_base_only: bool = False
@@ -108,7 +115,23 @@ def _lvis_specs():
     return specs
 
 
-_BUILTIN = {**_coco_specs(), **_lvis_specs()}
+def _detic_specs():
+    """Detic's OV-COCO datasets (its ``coco_zeroshot.py`` names and paths)."""
+    folder = "coco/zero-shot"
+    return {
+        "coco_zeroshot_train_oriorder": DatasetSpec(
+            "coco/train2017", f"{folder}/instances_train2017_seen_2_oriorder.json", "coco",
+            "coco", ovd_split=True),
+        "coco_generalized_zeroshot_val": DatasetSpec(
+            "coco/val2017", f"{folder}/instances_val2017_all_2_oriorder.json", "coco", "coco",
+            ovd_split=True),
+        "coco_caption_train_tags": DatasetSpec(
+            "coco/train2017", "coco/annotations/captions_train2017_tags_allcaps.json",
+            "image_labels", "", evaluate=False),
+    }
+
+
+_BUILTIN = {**_coco_specs(), **_lvis_specs(), **_detic_specs()}
 _REGISTERED = {}
 
 
@@ -134,14 +157,17 @@ def dataset_root():
 def get_spec(name):
     """The ``DatasetSpec`` of ``name`` with absolute or root-joined paths."""
     if name.startswith(COCO_JSON_PREFIX):
-        return _parse_coco_json_name(name)
+        return _parse_json_name(name, COCO_JSON_PREFIX, "coco", "coco")
+    if name.startswith(IMAGE_LABELS_PREFIX):
+        return _parse_json_name(name, IMAGE_LABELS_PREFIX, "image_labels", "")
     spec = _REGISTERED.get(name)
     if spec is not None:
         return spec
     if name not in _BUILTIN:
         raise ValueError(
             f"unknown dataset {name!r}; valid names: {', '.join(list_datasets())}, "
-            f"or '{COCO_JSON_PREFIX}<json_file>:<image_dir>'"
+            f"'{COCO_JSON_PREFIX}<json_file>:<image_dir>' or "
+            f"'{IMAGE_LABELS_PREFIX}<json_file>:<image_dir>'"
         )
     spec = _BUILTIN[name]
     root = dataset_root()
@@ -151,19 +177,20 @@ def get_spec(name):
     )
 
 
-def _parse_coco_json_name(name):
-    parts = name[len(COCO_JSON_PREFIX):].split(":")
+def _parse_json_name(name, prefix, data_format, evaluator_type):
+    parts = name[len(prefix):].split(":")
     if len(parts) != 2 or not all(parts):
-        raise ValueError(f"expected '{COCO_JSON_PREFIX}<json_file>:<image_dir>', got {name!r}")
-    return DatasetSpec(parts[1], parts[0], "coco", "coco")
+        raise ValueError(f"expected '{prefix}<json_file>:<image_dir>', got {name!r}")
+    return DatasetSpec(parts[1], parts[0], data_format, evaluator_type,
+                       evaluate=bool(evaluator_type))
 
 
 def _require_json(name, spec):
     if not os.path.isfile(spec.json_file):
-        raise FileNotFoundError(
-            f"annotation file of dataset {name!r} not found: {spec.json_file} "
-            f"(dataset root {dataset_root()!r}, set with ${DATASETS_ENV}); {_README_HINT}"
-        )
+        message = missing_file_message(spec.json_file, f"annotation file of dataset {name!r}")
+        if name in _BUILTIN:
+            message += f"; dataset root {dataset_root()!r} (set with ${DATASETS_ENV})"
+        raise FileNotFoundError(message)
 
 
 def get_dataset_dicts(name, input_dir=None, check_files=True):
@@ -181,6 +208,8 @@ def get_dataset_dicts(name, input_dir=None, check_files=True):
         records = load_lvis_json(
             spec.json_file, spec.image_root, spec.lvis_base_only, spec.max_annotations
         )
+    elif spec.format == "image_labels":
+        records = load_image_label_json(spec.json_file, spec.image_root)
     else:
         records = load_coco_json(spec.json_file, spec.image_root)
     if spec.drop_empty_images:

@@ -11,13 +11,15 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 from collections import Counter
 from typing import List, Sequence
 
 from pycocotools.coco import COCO
 
-from regionclip.data.image_io import IMAGE_EXTENSIONS, read_image_size
+from regionclip.data.mapper import IMAGE_EXTENSIONS, read_image_size
+from regionclip.download_pages import missing_file_message
 from regionclip.structures import BoxMode
 
 logger = logging.getLogger(__name__)
@@ -29,9 +31,9 @@ _MIN_POLYGON_COORDS = 6
 
 def read_categories(json_file):
     """Category dicts of a COCO/LVIS json, sorted by category id."""
-    with open(json_file) as f:
-        categories = json.load(f)["categories"]
-    return sorted(categories, key=lambda cat: cat["id"])
+    dataset = _read_json(json_file)
+    _check_entries(dataset, "categories", json_file)
+    return sorted(dataset["categories"], key=lambda cat: cat["id"])
 
 
 def lvis_base_categories(categories):
@@ -39,18 +41,81 @@ def lvis_base_categories(categories):
     return [cat for cat in categories if cat["frequency"] != LVIS_RARE]
 
 
-def _load_api(json_file):
+def load_coco_api(json_file, image_key="file_name"):
+    """A pycocotools ``COCO`` of a COCO/LVIS json, checked first (see ``check_coco_dataset``).
+
+    ``image_key``: the key naming an image's file ("file_name"; LVIS: "coco_url").
+    """
+    dataset = _read_json(json_file)
+    check_coco_dataset(dataset, json_file, image_key)
+    api = COCO()
+    api.dataset = dataset
     # pycocotools prints progress to stdout; keep library output in the log only.
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
-        api = COCO(json_file)
+        api.createIndex()
     logger.debug(buffer.getvalue().strip())
     return api
 
 
+def _read_json(json_file):
+    with open(json_file, encoding="utf-8") as f:
+        try:
+            dataset = json.load(f)
+        except ValueError as err:
+            raise ValueError(f"{json_file} is not valid json: {err}") from err
+    if not isinstance(dataset, dict):
+        raise ValueError(f"{json_file} must hold a json object with 'images', 'annotations' "
+                         f"and 'categories', not a {type(dataset).__name__}")
+    return dataset
+
+
+# Keys every entry must have; the image file key depends on the format.
+_REQUIRED = {"images": ("id", "height", "width"), "categories": ("id", "name"),
+             "annotations": ("id", "image_id", "category_id", "bbox")}
+_SINGULAR = {"images": "image", "categories": "category", "annotations": "annotation"}
+
+
+def check_coco_dataset(dataset, json_file, image_key="file_name"):
+    """ValueError naming the file, entries and key for what pycocotools would mis-read
+    silently: missing keys, malformed boxes, and repeated image, annotation or category ids
+    (an index keeps the last of each, so an image's boxes would be scored against another).
+    A missing ``annotations`` list means none."""
+    dataset.setdefault("annotations", [])
+    for section in ("images", "categories", "annotations"):
+        keys = _REQUIRED[section] + ((image_key,) if section == "images" else ())
+        _check_entries(dataset, section, json_file, keys)
+    bad_boxes = [a["id"] for a in dataset["annotations"]
+                 if not (isinstance(a["bbox"], list) and len(a["bbox"]) == 4 and
+                         all(isinstance(v, (int, float)) for v in a["bbox"]))]
+    if bad_boxes:
+        raise ValueError(f"{json_file}: the 'bbox' of {len(bad_boxes)} annotation(s) is not "
+                         f"[x, y, width, height] (ids {_some(bad_boxes)})")
+
+
+def _check_entries(dataset, section, json_file, keys=("id",)):
+    entries = dataset.get(section)
+    if not isinstance(entries, list):
+        raise ValueError(f"{json_file} has no '{section}' list")
+    for key in keys:
+        missing = [i for i, entry in enumerate(entries)
+                   if not isinstance(entry, dict) or key not in entry]
+        if missing:
+            raise ValueError(f"{json_file}: {len(missing)} of the {section} have no '{key}' "
+                             f"(entries {_some(missing)})")
+    repeated = sorted(i for i, n in Counter(e["id"] for e in entries).items() if n > 1)
+    if repeated:
+        raise ValueError(f"{json_file}: duplicate {_SINGULAR[section]} ids "
+                         f"{_some(repeated)}; every id must be unique")
+
+
+def _some(values, limit=10):
+    return str(values[:limit])[:-1] + (", ...]" if len(values) > limit else "]")
+
+
 def load_coco_json(json_file, image_root):
     """Records of a COCO-format json; ``file_name`` is ``image_root/<json file_name>``."""
-    api = _load_api(json_file)
+    api = load_coco_api(json_file)
     categories = sorted(api.dataset["categories"], key=lambda cat: cat["id"])
     id_map = {cat["id"]: index for index, cat in enumerate(categories)}
     return _build_records(api, id_map, lambda img: os.path.join(image_root, img["file_name"]))
@@ -65,7 +130,7 @@ def load_lvis_json(json_file, image_root, base_only=False, max_annotations=0):
     category id = LVIS id - 1. ``max_annotations > 0`` keeps only the first that many
     annotations of an image (the original's memory cap for ground-truth-box inference).
     """
-    api = _load_api(json_file)
+    api = load_coco_api(json_file, image_key="coco_url")
     categories = sorted(api.dataset["categories"], key=lambda cat: cat["id"])
     if base_only:
         categories = lvis_base_categories(categories)
@@ -116,18 +181,21 @@ def _build_records(api, id_map, file_name_fn):
             "image_id": img_id,
         }
         anns = api.imgToAnns.get(img_id, [])
-        record["annotations"] = _convert_annotations(anns, id_map, img, stats)
+        record["annotations"] = _convert_annotations(anns, id_map, img, stats, api.cats)
         stats["without_annotations"] += not record["annotations"]
         records.append(record)
+    stats["unknown_image"] = sum(len(anns) for img_id, anns in api.imgToAnns.items()
+                                 if img_id not in api.imgs)
     _log_stats(stats, len(records), api)
     return records
 
 
-def _convert_annotations(anns, id_map, img, stats):
+def _convert_annotations(anns, id_map, img, stats, known_categories):
     converted = []
     for ann in anns:
         if ann["category_id"] not in id_map:
-            stats["other_category"] += 1
+            known = ann["category_id"] in known_categories
+            stats["other_category" if known else "unknown_category"] += 1
             continue
         obj = _convert_annotation(ann, img["height"], img["width"], stats)
         if obj is not None:
@@ -139,6 +207,9 @@ def _convert_annotations(anns, id_map, img, stats):
 def _convert_annotation(ann, height, width, stats):
     """Annotation dict with its box clipped to the image, or None when the box is empty."""
     x, y, w, h = (float(v) for v in ann["bbox"])
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        stats["non_finite_box"] += 1
+        return None
     x0, y0 = max(x, 0.0), max(y, 0.0)
     x1, y1 = min(x + w, float(width)), min(y + h, float(height))
     if x1 <= x0 or y1 <= y0:
@@ -170,6 +241,10 @@ def _valid_segmentation(segmentation):
 
 
 _STAT_MESSAGES = {
+    "unknown_category": "annotations have a category id that is not in 'categories'; "
+                        "they were dropped",
+    "unknown_image": "annotations have an image id that is not in 'images'; they were dropped",
+    "non_finite_box": "annotations with a NaN or infinite box were dropped",
     "empty_box": "annotations with an empty box (after clipping to the image) were dropped",
     "clipped_box": "annotation boxes reached outside the image and were clipped",
     "invalid_segmentation": "annotations had no valid polygon; their boxes were kept",
@@ -196,7 +271,7 @@ def load_image_folder(folder):
     EXIF orientation applied, so they match the decoded images.
     """
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"image folder not found: {folder}")
+        raise FileNotFoundError(missing_file_message(folder, "image folder"))
     names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
     if not names:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
@@ -217,7 +292,7 @@ def class_names_from_file(path: str, exclude_rare: bool = False) -> List[str]:
     (the 866 base classes).
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"class-name file not found: {path}")
+        raise FileNotFoundError(missing_file_message(path, "class-name file"))
     if path.endswith(".json"):
         names = _names_from_json(path, exclude_rare)
     else:

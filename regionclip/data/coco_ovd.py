@@ -8,6 +8,8 @@ such annotation.
 import json
 import os
 
+from regionclip.download_pages import COCO_PAGE
+
 # (COCO category id, name); both tuples are in COCO id order.
 NOVEL_CATEGORIES = (
     (5, "airplane"), (6, "bus"), (17, "cat"), (18, "dog"), (21, "cow"), (22, "elephant"),
@@ -62,17 +64,15 @@ def build_ovd_split(instances, split):
 
 
 def iter_ovd_jsons(coco_root):
-    """Yield ``(output_path, json_dict)`` for the six OVD files under ``coco_root/annotations``.
-
-    Both COCO instances files are checked before anything is yielded; each is read once.
-    """
+    """Yield ``(output_path, json_dict)`` for the six OVD files under ``coco_root/annotations``;
+    both COCO instances files are checked before anything is yielded, each is read once."""
     annotation_dir = os.path.join(coco_root, "annotations")
     sources = {s: os.path.join(annotation_dir, f"instances_{s}.json") for s in IMAGE_SETS}
     missing = [path for path in sources.values() if not os.path.isfile(path)]
     if missing:
         raise FileNotFoundError(
-            f"COCO annotations not found: {', '.join(missing)}; "
-            "see datasets/README.md for the layout"
+            f"COCO 2017 annotations not found: {', '.join(missing)}; download the 2017 "
+            f"train/val annotations from {COCO_PAGE} (see datasets/README.md for the layout)"
         )
     for image_set, source in sources.items():
         with open(source) as f:

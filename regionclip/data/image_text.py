@@ -45,8 +45,8 @@ from torchvision.transforms import functional as TF
 
 from ..distributed import get_rank, get_world_size
 from ..prompts import CONTEXT_LENGTH, tokenize
-from .image_io import ImageReadError, read_image
 from .image_text_sources import MAX_CAPTIONS, RawSample, ShardReadError
+from .mapper import ImageReadError, read_image
 
 logger = logging.getLogger(__name__)
 

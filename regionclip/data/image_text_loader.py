@@ -16,6 +16,7 @@ from ..distributed import all_gather, get_world_size
 from .image_text import ImageTextDataset, ImageTextTransform, collate_image_text
 from .image_text_sources import MAX_CAPTIONS, JsonlSource, WebDatasetSource
 from .image_text_tsv import TSVPairSource
+from .loader import cap_workers
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def build_image_text_loader(cfg, dataset: Optional[ImageTextDataset] = None) -> 
     if total % world_size:
         raise ConfigError(f"SOLVER.IMS_PER_BATCH {total} is not divisible by the {world_size} "
                           "processes")
-    loader = ImageTextLoader(dataset, total // world_size, cfg.DATALOADER.NUM_WORKERS)
+    loader = ImageTextLoader(dataset, total // world_size, cap_workers(cfg.DATALOADER.NUM_WORKERS))
     for source in dataset.sources:
         size = f"{len(source)} items" if source.indexed else f"{len(source.shards)} shards"
         logger.info("Image-text data: %s %s (%s)", type(source).__name__, source.path, size)

@@ -63,10 +63,6 @@ def scan_line_offsets(path: str) -> np.ndarray:
     return np.asarray(offsets, dtype=np.int64)
 
 
-
-# ---------------------------------------------------------------------------------------------
-# Folder of images + captions.jsonl
-# ---------------------------------------------------------------------------------------------
 def _jsonl_entry(line: str, path: str, line_number: int, max_captions: int):
     try:
         entry = json.loads(line)
@@ -102,14 +98,11 @@ class JsonlSource:
         with open(self.path, encoding="utf-8") as f:
             yield from filter(str.strip, f)
 
-    def _entry(self, index: int):
+    def read(self, index: int, rng) -> RawSample:
         with open(self.path, "rb") as f:
             f.seek(int(self.offsets[index]))
             line = f.readline().decode("utf-8")
-        return _jsonl_entry(line, self.path, index + 1, self.max_captions)
-
-    def read(self, index: int, rng) -> RawSample:
-        key, file_name, captions = self._entry(index)
+        key, file_name, captions = _jsonl_entry(line, self.path, index + 1, self.max_captions)
         return RawSample(key, os.path.join(self.root, file_name), captions)
 
     def iter_captions(self) -> Iterator[List[str]]:
@@ -117,9 +110,6 @@ class JsonlSource:
             yield _jsonl_entry(line, self.path, number, None)[2]
 
 
-# ---------------------------------------------------------------------------------------------
-# webdataset tar shards (img2dataset)
-# ---------------------------------------------------------------------------------------------
 def expand_braces(pattern: str) -> List[str]:
     """``a/{00000..00002}.tar`` -> three paths (zero padding kept); ``{x,y}`` lists too."""
     match = _BRACE.search(pattern)

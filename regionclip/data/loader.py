@@ -5,9 +5,11 @@ Their content is a function of the data seed and the iteration only (see ``sampl
 loader restarted with :meth:`TrainingLoader.iter_from` at iteration ``k`` yields exactly what an
 uninterrupted one yields from its ``k``-th batch on, whatever the number of workers.
 """
+import functools
 import logging
+import os
 from itertools import islice
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -15,6 +17,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..distributed import all_gather, get_rank, get_world_size
 from .catalog import get_dataset_dicts, get_metadata
+from .mapper import build_training_mapper
+from .multi_dataset import (
+    MULTI_DATASET_SAMPLER,
+    MultiDatasetSampler,
+    batch_groups,
+    build_multi_dataset_mapper,
+    multi_dataset_settings,
+)
 from .samplers import (
     Item,
     RepeatFactorTrainingSampler,
@@ -23,11 +33,10 @@ from .samplers import (
     batched_items,
     repeat_factors_from_category_frequency,
 )
-from .train_mapper import build_training_mapper
 
 logger = logging.getLogger("regionclip")
 
-TRAINING_SAMPLERS = ("TrainingSampler", "RepeatFactorTrainingSampler")
+TRAINING_SAMPLERS = ("TrainingSampler", "RepeatFactorTrainingSampler", MULTI_DATASET_SAMPLER)
 # Separates the augmentation random streams from the sampler's epoch streams.
 _AUGMENTATION_STREAM = 1
 _MAX_SEED = 2 ** 31
@@ -85,6 +94,29 @@ def _as_list(batch: List[dict]) -> List[dict]:
     return batch
 
 
+def available_cpus() -> int:
+    """CPU cores this process may run on: its affinity mask (taskset, a container's cpuset)
+    where the platform has one, else the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def cap_workers(requested: int) -> int:
+    """``requested`` DataLoader workers, at most one per available core (more only compete for
+    the same cores, and torch warns about them)."""
+    cores = available_cpus()
+    if requested > cores:
+        _log_capped(requested, cores)
+    return min(requested, cores)
+
+
+@functools.lru_cache(maxsize=None)  # once per process: test loaders are built per evaluation
+def _log_capped(requested: int, cores: int) -> None:
+    logger.info("DATALOADER.NUM_WORKERS %d capped to %d: this process can use %d CPU cores",
+                requested, cores, cores)
+
+
 def build_test_loader(records: Sequence[dict], mapper: Callable, num_workers: int = 0,
                       batch_size: int = 1):
     """Batches of ``batch_size`` images in dataset order, this process's shard only."""
@@ -95,7 +127,7 @@ def build_test_loader(records: Sequence[dict], mapper: Callable, num_workers: in
         dataset,
         batch_size=batch_size,
         sampler=InferenceSampler(len(dataset)),
-        num_workers=num_workers,
+        num_workers=cap_workers(num_workers),
         collate_fn=_as_list,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
@@ -110,13 +142,13 @@ class TrainingLoader:
         mapper: ``mapper(record, rng) -> dict``.
         sampler: a :class:`TrainingSampler` (or subclass) over ``records``; its ``seed`` is the
             data seed (sampling order and augmentations).
-        batch_size: images per batch in this process.
+        batch_size: images per batch in this process, or per group (indexed by group id).
         group_ids: per-record group (e.g. :func:`aspect_ratio_groups`) that batches must not mix.
         num_workers: DataLoader worker processes.
     """
 
     def __init__(self, records: Sequence[dict], mapper: Callable, sampler: TrainingSampler,
-                 batch_size: int, group_ids: Optional[Sequence[int]] = None,
+                 batch_size: Union[int, Sequence[int]], group_ids: Optional[Sequence[int]] = None,
                  num_workers: int = 0):
         self.records = records
         self.mapper = mapper
@@ -173,15 +205,19 @@ def shared_seed(seed: int) -> int:
     return int(all_gather(int(np.random.default_rng().integers(_MAX_SEED)))[0])
 
 
-def training_records(dataset_names: Sequence[str], filter_empty: bool = True,
-                     input_dir: str = "") -> List[dict]:
-    """Records of all ``dataset_names``, which must share one class list; with
-    ``filter_empty`` images without non-crowd annotations are dropped (they teach nothing)."""
+def check_same_classes(dataset_names: Sequence[str]) -> None:
     if not dataset_names:
         raise ValueError("DATASETS.TRAIN is empty: name at least one training dataset")
     classes = {name: get_metadata(name).thing_classes for name in dataset_names}
     if len(set(classes.values())) > 1:
         raise ValueError(f"DATASETS.TRAIN datasets have different class lists: {classes}")
+
+
+def training_records(dataset_names: Sequence[str], filter_empty: bool = True,
+                     input_dir: str = "") -> List[dict]:
+    """Records of all ``dataset_names``, which must share one class list; with
+    ``filter_empty`` images without non-crowd annotations are dropped (they teach nothing)."""
+    check_same_classes(dataset_names)
     records = [r for name in dataset_names for r in get_dataset_dicts(name, input_dir=input_dir)]
     if filter_empty:
         before = len(records)
@@ -217,6 +253,8 @@ def per_process_batch(total: int, world_size: int) -> int:
 
 def build_train_loader(cfg, mapper: Optional[Callable] = None) -> TrainingLoader:
     """The training loader of ``DATASETS.TRAIN`` (``DATALOADER.*``, ``SOLVER.IMS_PER_BATCH``)."""
+    if cfg.DATALOADER.SAMPLER_TRAIN == MULTI_DATASET_SAMPLER:
+        return build_multi_dataset_loader(cfg)
     records = training_records(cfg.DATASETS.TRAIN, cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
                                cfg.INPUT_DIR)
     seed = shared_seed(cfg.SEED)
@@ -227,5 +265,28 @@ def build_train_loader(cfg, mapper: Optional[Callable] = None) -> TrainingLoader
         build_training_sampler(cfg, records, seed),
         per_process_batch(cfg.SOLVER.IMS_PER_BATCH, get_world_size()),
         groups,
-        cfg.DATALOADER.NUM_WORKERS,
+        cap_workers(cfg.DATALOADER.NUM_WORKERS),
     )
+
+
+def build_multi_dataset_loader(cfg) -> TrainingLoader:
+    """Detic's mixed training (``multi_dataset.py``): every batch from one dataset of
+    ``DATASETS.TRAIN``, with that dataset's batch size, image sizes and supervision. Only box
+    datasets drop images without annotations (``FILTER_EMPTY_ANNOTATIONS``)."""
+    names = cfg.DATASETS.TRAIN
+    batch = 0 if cfg.DATALOADER.USE_DIFF_BS_SIZE else per_process_batch(
+        cfg.SOLVER.IMS_PER_BATCH, get_world_size())
+    settings = multi_dataset_settings(cfg, batch)
+    check_same_classes(names)
+    filter_box = cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+    records = [dict(record, dataset_source=source)
+               for source, (name, ann) in enumerate(zip(names, settings.ann_types))
+               for record in training_records([name], filter_box and ann == "box",
+                                              cfg.INPUT_DIR)]
+    sampler = MultiDatasetSampler([r["dataset_source"] for r in records], settings.ratios,
+                                  seed=shared_seed(cfg.SEED))
+    logger.info("Mixed training on %s: draw shares %s, per-process batches %s", list(names),
+                list(settings.ratios), list(settings.batch_sizes))
+    return TrainingLoader(records, build_multi_dataset_mapper(cfg, settings), sampler,
+                          settings.group_batch_sizes(), batch_groups(records),
+                          cfg.DATALOADER.NUM_WORKERS)

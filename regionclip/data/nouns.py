@@ -1,16 +1,10 @@
 """Concept-pool nouns from captions: how many captions mention each candidate name.
 
-Matching: captions and names are lower-cased and split into alphanumeric words; a name matches
-a run of whole words (a phrase for multi-word names), with its last word also in plural form
-(regular -s / -es / -ies / -ves, -man -> -men and a few irregular plurals). At each position
-the longest name wins and consumes its words, so "hot dogs" counts "hot dog" but not "dog".
-A name counts at most once per caption.
-
-The default candidates are the COCO 80 names followed by the LVIS 1203 names. LVIS names are
-not shipped: they come from an LVIS json when one is given (cleaned as the original's class
-lists: ``_`` -> space, parentheses removed); without one the COCO 80 names are used (they
-include the 65 COCO OVD names of ``coco_ovd``). When spaCy (with ``en_core_web_sm``) or nltk
-(with its tagger and WordNet data) is installed, a noun parser can propose further nouns.
+A name matches a run of whole lower-cased alphanumeric words, its last word also in plural form
+(regular, -man -> -men, a few irregular); the longest name at a position wins and consumes its
+words ("hot dogs" counts "hot dog", not "dog"); a name counts once per caption. Candidates: the
+COCO 80 names, then the names of an LVIS json when given (LVIS names are not shipped). spaCy
+(``en_core_web_sm``) or nltk (tagger + WordNet), when installed, can propose further nouns.
 """
 import logging
 import os
@@ -113,17 +107,6 @@ def count_mentions(captions: Iterable[str], vocabulary: Sequence[str]) -> Counte
     return counts
 
 
-def count_parsed_nouns(captions: Iterable[str], parser: NounParser,
-                       vocabulary: Sequence[str]) -> Counter:
-    """Nouns the parser finds outside the vocabulary -> number of captions holding them."""
-    matcher = MentionMatcher(vocabulary)
-    counts = Counter()
-    for caption in captions:
-        nouns = {n.strip().lower() for n in parser(caption)}
-        counts.update(n for n in nouns if _NOUN.fullmatch(n) and (n,) not in matcher.phrases)
-    return counts
-
-
 def select_nouns(counts: Counter, min_count: int) -> List[Tuple[str, int]]:
     """(name, count) with count >= min_count, most frequent first, ties by name."""
     kept = [(name, n) for name, n in counts.items() if n >= min_count]
@@ -132,11 +115,15 @@ def select_nouns(counts: Counter, min_count: int) -> List[Tuple[str, int]]:
 
 def build_concept_nouns(captions: Iterable[str], vocabulary: Sequence[str], min_count: int,
                         parser: Optional[NounParser] = None) -> List[Tuple[str, int]]:
-    """Frequent vocabulary names plus, with a parser, frequent nouns outside the vocabulary."""
+    """Frequent vocabulary names plus, with a parser, frequent nouns outside the vocabulary
+    (both counted as the number of captions holding them)."""
     captions = list(captions) if parser is not None else captions
     counts = count_mentions(captions, vocabulary)
     if parser is not None:
-        counts.update(count_parsed_nouns(captions, parser, vocabulary))
+        known = MentionMatcher(vocabulary).phrases
+        for caption in captions:
+            nouns = {n.strip().lower() for n in parser(caption)}
+            counts.update(n for n in nouns if _NOUN.fullmatch(n) and (n,) not in known)
     return select_nouns(counts, min_count)
 
 

@@ -11,7 +11,7 @@ augmentation, so augmentations too are independent of workers, prefetching and r
 """
 import logging
 import math
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -122,10 +122,11 @@ def repeat_factors_from_category_frequency(records: Sequence[dict],
     ]
 
 
-def batched_items(items: Iterator[Item], batch_size: int,
+def batched_items(items: Iterator[Item], batch_size: Union[int, Sequence[int]],
                   group_ids: Optional[Sequence[int]] = None) -> Iterator[List[Item]]:
     """Consecutive batches of ``items``; with ``group_ids`` (per dataset index) each batch is
     drawn from one group, e.g. landscape or portrait images, so padding wastes less.
+    ``batch_size`` may be given per group (a sequence indexed by group id).
 
     Grouping keeps one pending batch per group and emits a group's batch when it fills (the
     order of detectron2's ``AspectRatioGroupedDataset``).
@@ -135,7 +136,7 @@ def batched_items(items: Iterator[Item], batch_size: int,
         key = 0 if group_ids is None else group_ids[item[0]]
         bucket = pending.setdefault(key, [])
         bucket.append(item)
-        if len(bucket) == batch_size:
+        if len(bucket) == (batch_size if isinstance(batch_size, int) else batch_size[key]):
             yield bucket
             pending[key] = []
 

@@ -100,10 +100,8 @@ class RandomHorizontalFlip:
 
 
 def apply_augmentations(augmentations, image, rng=None):
-    """Apply augmentations in order to ``image`` [H, W, C].
-
-    Returns the new image and the ``TransformList`` to replay on boxes or masks.
-    """
+    """Apply augmentations in order to ``image`` [H, W, C]; returns the new image and the
+    ``TransformList`` to replay on boxes or masks."""
     transforms = []
     for augmentation in augmentations:
         transform = augmentation.get_transform(image.shape[0], image.shape[1], rng)

@@ -8,29 +8,38 @@ A pretraining run has no class vocabulary to check and evaluates only when ``DAT
 set: then the student is evaluated as a zero-shot detector, a ``CLIPFastRCNN`` built from the
 same config (``MODEL.CLIP.TEXT_EMB_PATH`` holding the test classes' embeddings) that gets the
 student trunk and offline RPN weights, as it would from a saved pretraining checkpoint.
+
+Bad input (a file, key or value) reaches the command line as one line, printed once, and exit
+status 1; ``REGIONCLIP_DEBUG=1`` shows its traceback instead.
 """
 import argparse
+import contextlib
 import json
 import logging
 import os
 import random
 import sys
-from typing import Callable, Dict, Optional
+import time
+from typing import Callable, Dict, NoReturn, Optional
 
 import numpy as np
 import torch
 from torch import nn
+from torch.multiprocessing import ProcessExitedException
 
+from ..checkpoint import CheckpointError
 from ..config import ConfigError, dump_config, load_config
 from ..data.catalog import get_dataset_dicts, get_metadata
 from ..data.image_text_loader import build_image_text_loader
 from ..data.loader import build_test_loader, build_train_loader
 from ..data.mapper import build_inference_mapper
-from ..distributed import get_rank, get_world_size, is_main_process
+from ..distributed import get_rank, get_world_size, is_main_process, launch
 from ..evaluation import ProposalRecallEvaluator, build_evaluator
 from ..evaluation.inference import inference_on_dataset
 from ..evaluation.results import write_json_atomic
 from ..modeling.build import build_model
+from ..modeling.detic.build import test_classifier
+from .output_dir import OutputDirLock, check_previous_run, tidy
 from .solver import auto_scale_batch, auto_scale_workers
 from .trainer import build_trainer, last_checkpoint_path
 from .weights import load_weights
@@ -39,6 +48,12 @@ logger = logging.getLogger("regionclip")
 
 PRETRAIN_ARCHITECTURE = "PretrainFastRCNN"
 ZERO_SHOT_ARCHITECTURE = "CLIPFastRCNN"
+DEBUG_ENV = "REGIONCLIP_DEBUG"
+USER_ERRORS = (OSError, ValueError, CheckpointError)  # bad input, not bugs: no traceback
+USER_ERROR_STATUS = 1
+# How long a process other than the main one waits before printing its error: an error that
+# every process meets is printed by the main one, and the launcher stops the others meanwhile.
+_WORKER_ERROR_DELAY_S = 5.0
 
 
 def default_argument_parser(description: str = "RegionCLIP training and evaluation"):
@@ -49,8 +64,12 @@ def default_argument_parser(description: str = "RegionCLIP training and evaluati
         epilog="Trailing KEY VALUE pairs override config keys, e.g. MODEL.WEIGHTS path.pth",
     )
     parser.add_argument("--config-file", default="", metavar="FILE", help="path to config file")
-    parser.add_argument("--resume", action="store_true",
-                        help="resume from the last checkpoint in OUTPUT_DIR")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="resume from the last checkpoint in OUTPUT_DIR")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start a new training run in an OUTPUT_DIR that holds another "
+                       "one, deleting its checkpoints and metrics")
     parser.add_argument("--eval-only", action="store_true", help="only run evaluation")
     parser.add_argument("--num-gpus", type=int, default=1, help="processes per machine")
     parser.add_argument("--num-machines", type=int, default=1)
@@ -96,17 +115,39 @@ def seed_everything(seed: int) -> int:
     return seed
 
 
+def auto_output_dir(output_dir: str, config_file: str) -> str:
+    """Detic's convention: a path component ``auto`` becomes the config file's name, so that
+    configs sharing a base write to different folders."""
+    name = os.path.splitext(os.path.basename(config_file))[0]
+    return "/".join(name if part == "auto" else part for part in output_dir.split("/"))
+
+
+@contextlib.contextmanager
 def setup(args):
-    """Load the config from the parsed arguments and prepare the output folder."""
+    """``with setup(args) as cfg:`` the run's config, with OUTPUT_DIR held by this run for
+    the block (see ``output_dir.py``), logging set up, seeds set and the config written.
+
+    Nothing is written before the folder is held: a second run into a folder in use, or a
+    new training run over a previous one (neither ``--resume`` nor ``--overwrite``), fails
+    without touching it.
+    """
     cfg = load_config(args.config_file, args.opts)
+    cfg.OUTPUT_DIR = auto_output_dir(cfg.OUTPUT_DIR, args.config_file)
     cfg.freeze()
-    setup_logging(cfg.OUTPUT_DIR)
-    logger.info("Command line: %s", " ".join(sys.argv))
-    seed = seed_everything(cfg.SEED)
-    logger.info("Process rank %d, seed %d", get_rank(), seed)
-    if is_main_process():
-        logger.info("Config written to %s", dump_config(cfg, cfg.OUTPUT_DIR))
-    return cfg
+    owner = is_main_process() and bool(cfg.OUTPUT_DIR)
+    training = not args.eval_only
+    with OutputDirLock(cfg.OUTPUT_DIR) if owner else contextlib.nullcontext() as lock:
+        if owner and training:
+            check_previous_run(cfg.OUTPUT_DIR, args.resume, args.overwrite)
+        setup_logging(cfg.OUTPUT_DIR)
+        logger.info("Command line: %s", " ".join(sys.argv))
+        if owner:
+            tidy(lock, overwrite=training and args.overwrite)
+        seed = seed_everything(cfg.SEED)
+        logger.info("Process rank %d, seed %d", get_rank(), seed)
+        if is_main_process():
+            logger.info("Config written to %s", dump_config(cfg, cfg.OUTPUT_DIR))
+        yield cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +177,9 @@ def test(cfg, model) -> dict:
     proposals_only = not hasattr(model, "roi_heads")
     mapper = build_inference_mapper(cfg, keep_annotations=proposals_only)
     model.eval()
-    for name in cfg.DATASETS.TEST:
+    for index, name in enumerate(cfg.DATASETS.TEST):
+        if cfg.MODEL.RESET_CLS_TESTS:  # Detic: one classifier per test dataset
+            model.set_test_classifier(test_classifier(cfg, index))
         check_vocabulary(model, name)
         records = get_dataset_dicts(name, input_dir=cfg.INPUT_DIR)
         loader = build_test_loader(records, mapper, cfg.DATALOADER.NUM_WORKERS,
@@ -195,22 +238,71 @@ def train(cfg, model, resume: bool = False) -> dict:
     model.train()
     loader, eval_fn = _training_data(cfg, model)
     if not (resume and last_checkpoint_path(cfg.OUTPUT_DIR)):
-        load_weights(cfg, model)
+        load_weights(cfg, model, training=True)
     trainer = build_trainer(cfg, model, loader, eval_fn=eval_fn)
     trainer.resume_or_start(resume)
     return trainer.train()
 
 
 def main(args) -> dict:
-    """``tools/train_net.py``: ``--eval-only`` evaluation, or training (``--resume``)."""
-    cfg = setup(args)
-    model = build_model(cfg)
-    if args.eval_only:
-        load_weights(cfg, model)
-        return test(cfg, model)
-    if cfg.SOLVER.REFERENCE_WORLD_SIZE and cfg.SOLVER.REFERENCE_IMS_PER_BATCH:
-        raise ValueError("Set SOLVER.REFERENCE_WORLD_SIZE or SOLVER.REFERENCE_IMS_PER_BATCH, not "
-                         "both: each rescales the LR and schedule on its own")
-    cfg = auto_scale_workers(cfg, get_world_size())
-    cfg = auto_scale_batch(cfg, cfg.SOLVER.REFERENCE_IMS_PER_BATCH, get_world_size())
-    return train(cfg, model, resume=args.resume)
+    """``tools/train_net.py``: ``--eval-only`` evaluation, or training (``--resume``, or
+    ``--overwrite`` to replace a previous run in OUTPUT_DIR)."""
+    with setup(args) as cfg:
+        model = build_model(cfg)
+        if args.eval_only:
+            load_weights(cfg, model)
+            return test(cfg, model)
+        if cfg.SOLVER.REFERENCE_WORLD_SIZE and cfg.SOLVER.REFERENCE_IMS_PER_BATCH:
+            raise ValueError("Set SOLVER.REFERENCE_WORLD_SIZE or SOLVER.REFERENCE_IMS_PER_BATCH, "
+                             "not both: each rescales the LR and schedule on its own")
+        cfg = auto_scale_workers(cfg, get_world_size())
+        cfg = auto_scale_batch(cfg, cfg.SOLVER.REFERENCE_IMS_PER_BATCH, get_world_size())
+        return train(cfg, model, resume=args.resume)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is bad input to report as one line (never with ``REGIONCLIP_DEBUG=1``)."""
+    return isinstance(err, USER_ERRORS) and os.environ.get(DEBUG_ENV, "0") in ("", "0")
+
+
+def user_error_line(command: str, err: BaseException) -> str:
+    """``err`` as one line: its message's lines joined."""
+    return f"{command}: error: " + " ".join(part.strip() for part in str(err).splitlines())
+
+
+def run(args) -> int:
+    """``tools/train_net.py``: :func:`main` in one process per GPU; returns the exit status."""
+    try:
+        launch(_main_reporting_user_errors, args.num_gpus, args.num_machines, args.machine_rank,
+               args.dist_url, (args,))
+    except ProcessExitedException as err:  # a worker printed its user error and exited
+        if err.exit_code != USER_ERROR_STATUS:
+            raise
+        return USER_ERROR_STATUS
+    return 0
+
+
+def _main_reporting_user_errors(args) -> None:
+    try:
+        main(args)
+    except Exception as err:
+        if not is_user_error(err):
+            raise
+        _exit_reporting(err)
+
+
+def _exit_reporting(err: BaseException) -> NoReturn:
+    """Print ``err`` as one line, once over all processes, and end this one with status 1."""
+    if get_rank() > 0:
+        time.sleep(_WORKER_ERROR_DELAY_S)
+    print(user_error_line("train_net", err), file=sys.stderr, flush=True)
+    if get_world_size() == 1:
+        raise SystemExit(USER_ERROR_STATUS)
+    # Leave at once: ending the process group would wait for the other processes, and the
+    # launcher stops them only once this one is gone.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(USER_ERROR_STATUS)

@@ -13,10 +13,11 @@ import math
 import os
 import statistics
 from collections import deque
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 import torch
 
+from ..atomic import atomic_open
 from ..distributed import is_main_process
 
 logger = logging.getLogger("regionclip")
@@ -38,6 +39,14 @@ class SmoothedValue:
         self.values.append(value)
         self.total += value
         self.count += 1
+
+    def state_dict(self) -> Dict:
+        return {"values": list(self.values), "total": self.total, "count": self.count}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.values.clear()
+        self.values.extend(state["values"])
+        self.total, self.count = state["total"], state["count"]
 
     @property
     def latest(self) -> float:
@@ -66,22 +75,33 @@ def flatten_results(results: Mapping, prefix: str = "") -> Dict[str, float]:
 
 def truncate_json_lines(path: str, start_iter: int) -> None:
     """Drop lines of iterations >= ``start_iter``: a resumed run repeats those iterations, and
-    the lines a killed run wrote after its last checkpoint describe a trajectory that is gone."""
+    the lines a killed run wrote after its last checkpoint describe a trajectory that is gone.
+    Lines that are not json objects (a line cut short by a kill) are dropped with a warning.
+    """
     if not os.path.isfile(path):
         return
     with open(path) as f:
         lines = f.readlines()
-    kept = [line for line in lines if _line_iteration(line) < start_iter]
+    iterations = [_line_iteration(line) for line in lines]
+    damaged = iterations.count(None)
+    if damaged:
+        logger.warning("Dropped %d damaged line(s) of %s (a run killed while writing)",
+                       damaged, path)
+    kept = [line for line, it in zip(lines, iterations) if it is not None and it < start_iter]
     if len(kept) != len(lines):
-        with open(path, "w") as f:
+        with atomic_open(path, "w") as f:
             f.writelines(kept)
 
 
-def _line_iteration(line: str) -> float:
+def _line_iteration(line: str) -> Optional[float]:
+    """The line's iteration (-1 without one), None for a line that is not a json object."""
+    if not line.endswith("\n"):
+        return None
     try:
-        return json.loads(line).get("iteration", -1)
-    except (ValueError, AttributeError):
-        return -1
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record.get("iteration", -1) if isinstance(record, dict) else None
 
 
 class TrainingMetrics:
@@ -93,14 +113,19 @@ class TrainingMetrics:
         start_iter: first iteration of this run (a resumed run truncates ``metrics.json``).
         window: iterations over which losses and times are smoothed.
         tensorboard: also write TensorBoard event files.
+        state: ``state_dict()`` of the run resumed from (its smoothing windows), so that a
+            resumed run logs the values of an uninterrupted one.
     """
 
     def __init__(self, output_dir: str, max_iter: int, start_iter: int = 0, log_period: int = 20,
-                 window: int = 20, tensorboard: bool = True):
+                 window: int = 20, tensorboard: bool = True, state: Optional[Mapping] = None):
         self.max_iter = max_iter
         self.log_period = log_period
         self.window = window
         self.history: Dict[str, SmoothedValue] = {}
+        for name, value in (state or {}).items():
+            self.history[name] = SmoothedValue(window)
+            self.history[name].load_state_dict(value)
         self.enabled = is_main_process()
         self.json_path = os.path.join(output_dir, METRICS_FILE) if output_dir else ""
         self._tb = None
@@ -112,6 +137,9 @@ class TrainingMetrics:
 
                 self._tb = SummaryWriter(os.path.join(output_dir, TENSORBOARD_DIR),
                                          purge_step=start_iter)
+
+    def state_dict(self) -> Dict[str, Dict]:
+        return {name: value.state_dict() for name, value in self.history.items()}
 
     def put(self, **scalars: float) -> None:
         for name, value in scalars.items():

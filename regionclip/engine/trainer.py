@@ -6,10 +6,11 @@ checkpoints and periodic evaluation. Optional automatic mixed precision: float16
 gradient scaler on CUDA, bfloat16 on the CPU.
 
 A checkpoint holds the model, optimizer, scheduler (and gradient scaler), the number of
-completed iterations, the data seed and the random-number states of every process (python,
-numpy, torch, CUDA). The data order is a function of the seed and the iteration (see
-``regionclip/data/samplers.py``), so a run resumed from a checkpoint continues exactly the
-trajectory of an uninterrupted one.
+completed iterations, the data seed, the random-number states of every process (python,
+numpy, torch, CUDA) and the metrics' smoothing windows. The data order is a function of the
+seed and the iteration (see ``regionclip/data/samplers.py``), so a run resumed from a
+checkpoint continues exactly the trajectory, and the ``metrics.json``, of an uninterrupted one.
+The files of the output folder are described in ``output_dir.py``.
 """
 import contextlib
 import inspect
@@ -17,7 +18,6 @@ import logging
 import math
 import os
 import random
-import re
 import time
 from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
@@ -30,13 +30,17 @@ from ..atomic import atomic_open
 from ..checkpoint import read_checkpoint, save_checkpoint
 from ..distributed import all_gather, get_local_rank, get_rank, get_world_size, is_main_process
 from .metrics import TrainingMetrics
+from .output_dir import (
+    FINAL_CHECKPOINT,
+    LAST_CHECKPOINT_FILE,
+    LAST_EVALUATION_FILE,
+    is_periodic_checkpoint,
+    last_checkpoint_path,
+    last_evaluation,
+)
 from .solver import build_gradient_clipper, build_lr_scheduler, build_optimizer
 
 logger = logging.getLogger("regionclip")
-
-LAST_CHECKPOINT_FILE = "last_checkpoint"
-FINAL_CHECKPOINT = "model_final.pth"
-_PERIODIC = re.compile(r"model_(\d{7})\.pth")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,16 +131,6 @@ def check_losses(loss_dict, iteration: int) -> None:
         raise TypeError(f"Losses must be scalar tensors; not so at iteration {iteration}: {bad}")
 
 
-def last_checkpoint_path(output_dir: str) -> str:
-    """The checkpoint named in ``output_dir/last_checkpoint``, or "" when there is none."""
-    marker = os.path.join(output_dir, LAST_CHECKPOINT_FILE)
-    if not os.path.isfile(marker):
-        return ""
-    with open(marker) as f:
-        path = os.path.join(output_dir, f.read().strip())
-    return path if os.path.isfile(path) else ""
-
-
 # ---------------------------------------------------------------------------------------------
 # Trainer
 # ---------------------------------------------------------------------------------------------
@@ -187,6 +181,8 @@ class Trainer:
         self.tensorboard = tensorboard
         self.start_iter = 0
         self.eval_results: Dict = {}
+        self.metrics: Optional[TrainingMetrics] = None  # while training
+        self._metrics_state: Optional[Dict] = None  # from the checkpoint resumed from
         self.device_type = next(model.parameters()).device.type
         self.amp = amp
         self.amp_dtype = amp_dtype or (torch.float16 if self.device_type == "cuda"
@@ -219,6 +215,7 @@ class Trainer:
         if "data" in state and hasattr(self.data_loader, "load_state_dict"):
             self.data_loader.load_state_dict(state["data"])
         self.start_iter = int(state["iteration"])
+        self._metrics_state = state.get("metrics")
         self._restore_rng(state.get("rng", []))
         logger.info("Resumed from %s at iteration %d", path, self.start_iter)
 
@@ -232,21 +229,43 @@ class Trainer:
 
     # ---- loop -----------------------------------------------------------------------------
     def train(self) -> Dict:
-        """Train to ``max_iter``; returns the results of the last evaluation."""
-        if self.start_iter >= self.max_iter:
-            logger.info("Training already complete (%d iterations)", self.max_iter)
-            return self.eval_results
-        logger.info("Starting training from iteration %d", self.start_iter)
-        metrics = TrainingMetrics(self.output_dir, self.max_iter, self.start_iter,
-                                  self.log_period, tensorboard=self.tensorboard)
-        self.model.train()
-        data = self._data_iterator()
+        """Train to ``max_iter``; returns the results of the last evaluation.
+
+        A resumed run first redoes the evaluation after its checkpoint when the interrupted
+        run did not finish it (e.g. killed during the final evaluation).
+        """
+        self.metrics = TrainingMetrics(self.output_dir, self.max_iter, self.start_iter,
+                                       self.log_period, tensorboard=self.tensorboard,
+                                       state=self._metrics_state)
         try:
+            if self._evaluation_unfinished():
+                logger.info("Redoing the evaluation of iteration %d, which the interrupted "
+                            "run did not finish", self.start_iter - 1)
+                self.evaluate(self.start_iter - 1, self.metrics)
+            if self.start_iter >= self.max_iter:
+                logger.info("Training already complete (%d iterations)", self.max_iter)
+                return self.eval_results
+            logger.info("Starting training from iteration %d", self.start_iter)
+            self.model.train()
+            data = self._data_iterator()
             for iteration in range(self.start_iter, self.max_iter):
-                self._iteration(iteration, data, metrics)
+                self._iteration(iteration, data, self.metrics)
         finally:
-            metrics.close()
+            self.metrics.close()
+            self.metrics = None
         return self.eval_results
+
+    def _evaluation_due(self, done: int) -> bool:
+        """Whether an evaluation follows the iteration that completes ``done`` iterations."""
+        periodic = bool(self.eval_period) and done % self.eval_period == 0
+        return self.eval_fn is not None and (periodic or done == self.max_iter)
+
+    def _evaluation_unfinished(self) -> bool:
+        """The main process's answer (the same on every process, which all evaluate)."""
+        done = self.start_iter
+        if not (self.output_dir and 0 < done <= self.max_iter and self._evaluation_due(done)):
+            return False
+        return all_gather(last_evaluation(self.output_dir) < done - 1)[0]
 
     def _data_iterator(self) -> Iterator:
         if hasattr(self.data_loader, "iter_from"):
@@ -308,8 +327,7 @@ class Trainer:
             self.save(FINAL_CHECKPOINT, done)
         elif self.checkpoint_period and done % self.checkpoint_period == 0:
             self.save(f"model_{iteration:07d}.pth", done)
-        periodic_eval = self.eval_period and done % self.eval_period == 0
-        if self.eval_fn is not None and (periodic_eval or last):
+        if self._evaluation_due(done):
             self.evaluate(iteration, metrics)
 
     def evaluate(self, iteration: int, metrics: TrainingMetrics) -> Dict:
@@ -318,6 +336,9 @@ class Trainer:
             self.eval_results = self.eval_fn(self.module) or {}
         self.module.train()
         metrics.write_results(iteration, self.eval_results)
+        if is_main_process() and self.output_dir:
+            with atomic_open(os.path.join(self.output_dir, LAST_EVALUATION_FILE), "w") as f:
+                f.write(str(iteration))
         return self.eval_results
 
     # ---- checkpoints ----------------------------------------------------------------------
@@ -332,6 +353,8 @@ class Trainer:
             extra["data"] = self.data_loader.state_dict()
         if self.scaler is not None:
             extra["grad_scaler"] = self.scaler.state_dict()
+        if self.metrics is not None:
+            extra["metrics"] = self.metrics.state_dict()
         save_checkpoint(os.path.join(self.output_dir, name), self.module.state_dict(), **extra)
         with atomic_open(os.path.join(self.output_dir, LAST_CHECKPOINT_FILE), "w") as f:
             f.write(name)
@@ -339,7 +362,7 @@ class Trainer:
         self._remove_old_checkpoints()
 
     def _remove_old_checkpoints(self) -> None:
-        periodic = sorted(n for n in os.listdir(self.output_dir) if _PERIODIC.fullmatch(n))
+        periodic = sorted(filter(is_periodic_checkpoint, os.listdir(self.output_dir)))
         for name in periodic[:max(len(periodic) - self.keep_checkpoints, 0)]:
             os.remove(os.path.join(self.output_dir, name))
 
@@ -355,7 +378,8 @@ def build_trainer(cfg, model: nn.Module, data_loader, eval_fn=None, **options) -
         eval_period=cfg.TEST.EVAL_PERIOD,
         eval_fn=eval_fn,
         clip_gradients=build_gradient_clipper(cfg),
-        amp=cfg.SOLVER.AMP.ENABLED,
+        # Detic's FP16: mixed precision with a gradient scaler, on CUDA only
+        amp=cfg.SOLVER.AMP.ENABLED or (cfg.FP16 and next(model.parameters()).is_cuda),
     )
     kwargs.update(options)
     return Trainer(model, data_loader, optimizer, build_lr_scheduler(cfg, optimizer), **kwargs)

@@ -15,16 +15,10 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..checkpoint import (
-    DETECTRON2,
-    VOCABULARY_KEYS,
-    ZOO_HINT,
-    CheckpointError,
-    LoadReport,
-    load_checkpoint,
-)
+from ..checkpoint import DETECTRON2, VOCABULARY_KEYS, CheckpointError, LoadReport, load_checkpoint
 from ..config import load_config
 from ..config.variants import CLIPVariant
+from ..download_pages import missing_file_message
 from ..model_zoo import (
     DETECTOR_WEIGHTS,
     RPN_WEIGHTS,
@@ -38,27 +32,42 @@ from ..model_zoo import (
     rpn_for_layout,
 )
 from ..modeling.build import build_model
+from ..modeling.detic.zero_shot_classifier import ZS_WEIGHT_KEY
+from ..modeling.region_head import missing_by_design
 from ..modeling.text_encoder import TextEncoder
 
 _OFFLINE_PARTS = ("offline_backbone.", "offline_proposal_generator.")
 
 
-def load_weights(cfg, model: nn.Module, skip_vocabulary: bool = False) -> List[LoadReport]:
+def load_weights(cfg, model: nn.Module, skip_vocabulary: bool = False,
+                 training: bool = False) -> List[LoadReport]:
     """``MODEL.WEIGHTS``, then (with RPN proposals) ``MODEL.CLIP.BB_RPN_WEIGHTS``.
 
     Class embeddings stored in a checkpoint are not loaded where ``MODEL.CLIP.TEXT_EMB_PATH``
     / ``OPENSET_TEST_TEXT_EMB_PATH`` name a file (the original let a same-sized checkpoint
-    tensor win silently), nor at all with ``skip_vocabulary``.
+    tensor win silently), nor at all with ``skip_vocabulary``. Weights the model does not need
+    from ``MODEL.WEIGHTS`` (``training``: it is trained next) are logged as missing by design.
     """
     clip = cfg.MODEL.CLIP
     protected = VOCABULARY_KEYS if skip_vocabulary else [
         key for key, path in zip(VOCABULARY_KEYS, (clip.TEXT_EMB_PATH,
                                                    clip.OPENSET_TEST_TEXT_EMB_PATH)) if path]
+    if skip_vocabulary or cfg.MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH:  # Detic's classifier
+        protected = [*protected, ZS_WEIGHT_KEY]
+    rpn_file = clip.BB_RPN_WEIGHTS if clip.CROP_REGION_TYPE == "RPN" else ""
+    by_design = missing_by_design(model, training)
+    by_design.update({p.rstrip("."): f"loaded next from {rpn_file}"
+                      for p in _OFFLINE_PARTS if rpn_file})
     reports = []
     if cfg.MODEL.WEIGHTS:
-        reports.append(load_checkpoint(model, cfg.MODEL.WEIGHTS, skip_prefixes=protected))
-    if clip.BB_RPN_WEIGHTS and clip.CROP_REGION_TYPE == "RPN":
-        reports.append(load_checkpoint(model, clip.BB_RPN_WEIGHTS, offline_rpn=True))
+        reports.append(load_checkpoint(model, cfg.MODEL.WEIGHTS, skip_prefixes=protected,
+                                       by_design=by_design))
+    if cfg.MODEL.WITH_CAPTION and cfg.MODEL.CAPTION_TEXT_WEIGHTS:  # Detic: the text tower only
+        parts = {key.split(".")[0] for key in model.state_dict()} - {"text_encoder"}
+        reports.append(load_checkpoint(model, cfg.MODEL.CAPTION_TEXT_WEIGHTS,
+                                       skip_prefixes=sorted(parts)))
+    if rpn_file:
+        reports.append(load_checkpoint(model, rpn_file, offline_rpn=True))
     return reports
 
 
@@ -80,14 +89,11 @@ def load_text_encoder(weights: str, variant: CLIPVariant) -> TextEncoder:
 # A checkpoint file alone
 # ---------------------------------------------------------------------------------------------
 def existing_file(path: str, what: str) -> str:
-    """``path`` if it is a file, else FileNotFoundError naming it (and the model zoo)."""
+    """``path`` if it is a file, else FileNotFoundError naming it and where to get it."""
     path = os.fspath(path)
     if os.path.isfile(path):
         return path
-    name = os.path.basename(path)
-    official = " (an official RegionCLIP file)" if name in DETECTOR_WEIGHTS or \
-        name in RPN_WEIGHTS else ""
-    raise FileNotFoundError(f"{what} not found: {path}{official}; {ZOO_HINT}")
+    raise FileNotFoundError(missing_file_message(path, what))
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ import logging
 import math
 
 import numpy as np
-from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from regionclip.data.coco import load_coco_api
 from regionclip.evaluation.results import ResultsEvaluator
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,8 @@ class COCOEvaluator(ResultsEvaluator):
 
     def __init__(self, json_file, output_dir="", contiguous_to_dataset_id=None,
                  novel_dataset_ids=(), base_dataset_ids=(), per_class=True):
-        self.coco_gt = _quiet(COCO, json_file)
+        self.json_file = json_file
+        self.coco_gt = load_coco_api(json_file)
         if contiguous_to_dataset_id is None:
             contiguous_to_dataset_id = dict(enumerate(sorted(self.coco_gt.getCatIds())))
         super().__init__(output_dir, contiguous_to_dataset_id)
@@ -46,11 +47,15 @@ class COCOEvaluator(ResultsEvaluator):
         self.per_class = per_class
 
     def evaluate(self, predictions=None):
-        """Write the results json and return ``{"bbox": metrics, "segm": metrics?}``.
+        """Write the results json and return ``{"bbox": metrics, "segm": metrics?}``, or ``{}``
+        when the json has no annotations to evaluate against.
 
         ``predictions`` defaults to what ``process`` collected in this process.
         """
         results = self._flatten_and_write(predictions)
+        if not self.coco_gt.anns:
+            warn_nothing_to_evaluate(self.json_file, self.results_path)
+            return {}
         if not results:
             logger.warning("No predictions to evaluate; COCO metrics are NaN")
             return {"bbox": {name: math.nan for name in COCO_METRICS}}
@@ -69,6 +74,12 @@ class COCOEvaluator(ResultsEvaluator):
             metrics.update(ovd_split_ap50(coco_eval, self.novel_dataset_ids, self.base_dataset_ids))
         logger.info("COCO %s: %s", iou_type, _format(metrics))
         return metrics
+
+
+def warn_nothing_to_evaluate(json_file, results_path):
+    logger.warning("%s has no annotations: there is nothing to evaluate the detections against "
+                   "and no AP is reported%s", json_file,
+                   f"; the detections are in {results_path}" if results_path else "")
 
 
 def run_coco_eval(coco_gt, results, iou_type):

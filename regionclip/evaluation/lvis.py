@@ -9,6 +9,8 @@ import lvis.eval
 import numpy as np
 from lvis import LVIS, LVISEval, LVISResults
 
+from regionclip.data.coco import check_coco_dataset
+from regionclip.evaluation.coco import warn_nothing_to_evaluate
 from regionclip.evaluation.results import ResultsEvaluator
 
 logger = logging.getLogger(__name__)
@@ -35,7 +37,8 @@ class LVISEvaluator(ResultsEvaluator):
 
     def __init__(self, json_file, output_dir="", contiguous_to_dataset_id=None,
                  run_evaluation=True, max_dets_per_image=LVIS_MAX_DETS):
-        self.lvis_gt = LVIS(json_file) if run_evaluation else None
+        self.json_file = json_file
+        self.lvis_gt = _load_lvis(json_file) if run_evaluation else None
         if contiguous_to_dataset_id is None:
             if self.lvis_gt is None:
                 raise ValueError("contiguous_to_dataset_id is required when run_evaluation=False")
@@ -50,6 +53,9 @@ class LVISEvaluator(ResultsEvaluator):
         results = self._flatten_and_write(predictions)
         if not self.run_evaluation:
             logger.info("Evaluation is off for this dataset; wrote %s", self.results_path)
+            return {}
+        if not self.lvis_gt.anns:
+            warn_nothing_to_evaluate(self.json_file, self.results_path)
             return {}
         if not results:
             logger.warning("No predictions to evaluate; LVIS metrics are NaN")
@@ -66,6 +72,14 @@ class LVISEvaluator(ResultsEvaluator):
         }
         logger.info("LVIS %s: %s", iou_type, ", ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
         return metrics
+
+
+def _load_lvis(json_file):
+    """The lvis API's index of ``json_file``, checked as the training data is (the index keeps
+    the last of repeated ids, which would score one image's boxes against another's)."""
+    lvis_gt = LVIS(json_file)
+    check_coco_dataset(lvis_gt.dataset, json_file, image_key="coco_url")
+    return lvis_gt
 
 
 def run_lvis_eval(lvis_gt, results, iou_type, max_dets_per_image=LVIS_MAX_DETS):

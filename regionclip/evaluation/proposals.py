@@ -8,7 +8,6 @@ as recalled at IoU t when its matched IoU is >= t, and AR@k is the recall averag
 ground truth included; here their ground truth counts as missed.
 """
 import logging
-import math
 
 import torch
 
@@ -36,15 +35,6 @@ def greedy_matched_overlaps(proposals: Boxes, gt_boxes: Boxes) -> torch.Tensor:
         overlaps[best_proposal[gt_index], :] = -1
         overlaps[:, gt_index] = -1
     return matched
-
-
-def gt_boxes_at_original_size(instances, height: int, width: int) -> Boxes:
-    """The mapper's ``gt_boxes`` (at the resized input size) in the original image's pixels,
-    the frame of the model's proposals, with the per-axis factors the model rescales by."""
-    boxes = instances.gt_boxes.clone().to("cpu")
-    resized_h, resized_w = instances.image_size
-    boxes.scale(width / resized_w, height / resized_h)
-    return boxes
 
 
 class ProposalRecallEvaluator:
@@ -83,19 +73,21 @@ class ProposalRecallEvaluator:
             proposals = out["proposals"].to("cpu")
             order = proposals.objectness_logits.argsort(descending=True)
             boxes = proposals.proposal_boxes[order]
-            height, width = proposals.image_size
-            gt_boxes = gt_boxes_at_original_size(inp["instances"], height, width)
+            # The mapper's gt_boxes (resized input) in the original pixels of the proposals,
+            # with the per-axis factors the model rescales by.
+            (height, width), gt = proposals.image_size, inp["instances"]
+            gt_boxes = gt.gt_boxes.clone().to("cpu")
+            gt_boxes.scale(width / gt.image_size[1], height / gt.image_size[0])
             overlaps = {k: greedy_matched_overlaps(boxes[:k], gt_boxes) for k in self.limits}
             self._predictions.append({"image_id": inp.get("image_id"), "overlaps": overlaps})
 
     def evaluate(self, predictions=None):
-        """``{"proposals": {"AR@k", "R@k_IoU<t>"}}`` in percent (NaN without ground truth).
-
-        ``predictions`` defaults to what ``process`` collected in this process.
-        """
+        """``{"proposals": {"AR@k", "R@k_IoU<t>"}}`` in percent of ``predictions`` (default:
+        what ``process`` collected in this process); ``{}`` without ground-truth boxes."""
         predictions = self._predictions if predictions is None else predictions
         if sum(len(p["overlaps"][self.limits[0]]) for p in predictions) == 0:
-            logger.warning("No ground-truth boxes to recall; proposal recall is NaN")
+            logger.warning("No ground-truth boxes to recall: no proposal recall is reported")
+            return {}
         metrics = {}
         for k in self.limits:
             overlaps = torch.cat([p["overlaps"][k] for p in predictions] or [torch.zeros(0)])
@@ -108,8 +100,5 @@ class ProposalRecallEvaluator:
 
 def _mean_recall(overlaps: torch.Tensor, thresholds: torch.Tensor) -> float:
     """Percent of ground-truth boxes with matched IoU >= t, averaged over ``thresholds``."""
-    if len(overlaps) == 0:
-        return math.nan
-    thresholds = thresholds.to(torch.float32)
     recalls = (overlaps[None, :] >= thresholds[:, None]).float().mean(dim=1)
     return float(recalls.mean() * 100)

@@ -31,23 +31,16 @@ class Box2BoxTransform:
         weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
         scale_clamp: float = DEFAULT_SCALE_CLAMP,
     ):
-        """Args:
-        weights: (wx, wy, ww, wh) multipliers of the deltas.
-        scale_clamp: upper bound on dw/dh (after dividing by the weights) when decoding.
-        """
+        """weights: (wx, wy, ww, wh) multipliers of the deltas; scale_clamp: upper bound on
+        dw/dh (after dividing by the weights) when decoding."""
         if len(weights) != 4:
             raise ValueError(f"Box2BoxTransform needs 4 weights, got {weights}")
         self.weights = tuple(float(w) for w in weights)
         self.scale_clamp = scale_clamp
 
     def get_deltas(self, src_boxes: torch.Tensor, target_boxes: torch.Tensor) -> torch.Tensor:
-        """Deltas that turn ``src_boxes`` into ``target_boxes``.
-
-        Args:
-            src_boxes, target_boxes: [N, 4] xyxy; source boxes must have positive width.
-        Returns:
-            [N, 4] deltas (dx, dy, dw, dh).
-        """
+        """[N, 4] deltas (dx, dy, dw, dh) that turn ``src_boxes`` into ``target_boxes`` (both
+        [N, 4] xyxy; source boxes must have positive width)."""
         src_x, src_y, src_w, src_h = _centres_and_sizes(src_boxes)
         if not bool((src_w > 0).all()):
             raise ValueError("Input boxes to Box2BoxTransform are not valid (width <= 0)")
@@ -60,14 +53,9 @@ class Box2BoxTransform:
         return torch.stack((dx, dy, dw, dh), dim=1)
 
     def apply_deltas(self, deltas: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """Decode deltas onto boxes.
-
-        Args:
-            deltas: [N, k*4], k >= 1 transforms per box (e.g. one per class).
-            boxes: [N, 4] xyxy, cast to ``deltas.dtype``.
-        Returns:
-            [N, k*4] xyxy boxes; dw/dh are clamped at ``scale_clamp`` before exp.
-        """
+        """[N, k*4] xyxy boxes from deltas [N, k*4] (k >= 1 transforms per box, e.g. one per
+        class) on boxes [N, 4] xyxy (cast to ``deltas.dtype``); dw/dh are clamped at
+        ``scale_clamp`` before exp."""
         ctr_x, ctr_y, widths, heights = _centres_and_sizes(boxes.to(deltas.dtype))
         wx, wy, ww, wh = self.weights
         dx = deltas[:, 0::4] / wx
@@ -79,10 +67,6 @@ class Box2BoxTransform:
         pred_ctr_y = dy * heights[:, None] + ctr_y[:, None]
         pred_w = torch.exp(dw) * widths[:, None]
         pred_h = torch.exp(dh) * heights[:, None]
-
-        pred = torch.zeros_like(deltas)
-        pred[:, 0::4] = pred_ctr_x - 0.5 * pred_w
-        pred[:, 1::4] = pred_ctr_y - 0.5 * pred_h
-        pred[:, 2::4] = pred_ctr_x + 0.5 * pred_w
-        pred[:, 3::4] = pred_ctr_y + 0.5 * pred_h
-        return pred
+        pred = (pred_ctr_x - 0.5 * pred_w, pred_ctr_y - 0.5 * pred_h,
+                pred_ctr_x + 0.5 * pred_w, pred_ctr_y + 0.5 * pred_h)
+        return torch.stack(pred, dim=2).reshape(deltas.shape)

@@ -17,6 +17,7 @@ from .box_coder import Box2BoxTransform
 from .box_predictor import InferenceSettings, LossSettings, TextEmbeddingPredictor
 from .clip_resnet import CLIPResNet
 from .detector import CLIPFastRCNN
+from .detic.build import build_custom_rcnn, clip_detector
 from .matcher import RoISampling
 from .pretrainer import LOSS_NAMES, REGION_LOSSES, PretrainFastRCNN
 from .region_head import MaskHead, RegionHead
@@ -146,8 +147,10 @@ def build_clip_fast_rcnn(cfg) -> CLIPFastRCNN:
     variant = resolve_clip_variant(cfg)
     clip = cfg.MODEL.CLIP
     mean, std = _pixel_stats(cfg)
-    lang_encoder: Optional[TextEncoder] = TextEncoder(variant) if clip.GET_CONCEPT_EMB else None
-    model = CLIPFastRCNN(
+    text = clip.GET_CONCEPT_EMB or cfg.MODEL.WITH_CAPTION  # (Detic's caption loss)
+    lang_encoder: Optional[TextEncoder] = TextEncoder(variant) if text else None
+    detector, weak = clip_detector(cfg)  # WITH_IMAGE_LABELS: with Detic's weak supervision
+    model = detector(
         backbone=CLIPResNet(variant, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT),
         roi_heads=build_region_head(cfg, variant),
         pixel_mean=mean,
@@ -156,6 +159,7 @@ def build_clip_fast_rcnn(cfg) -> CLIPFastRCNN:
         lang_encoder=lang_encoder,
         precision=cfg.MODEL.PRECISION,
         **_offline_rpn_parts(cfg),
+        **weak,
     )
     logger.info("Built CLIPFastRCNN with CLIP %s, %s proposals, %s inference", variant.name,
                 clip.CROP_REGION_TYPE, cfg.MODEL.PRECISION)
@@ -363,9 +367,16 @@ def build_proposal_network(cfg) -> ProposalNetwork:
                            settings=rpn_training_settings(cfg))
 
 
+def _build_custom_rcnn(cfg):
+    """Detic's CustomRCNN (`detic/build.py`) from the core's RPN and RoI-head builders."""
+    return build_custom_rcnn(cfg, build_rpn_backbone, build_rpn_head, rpn_training_settings,
+                             inference_settings, roi_sampling, loss_settings)
+
+
 META_ARCHITECTURES = {
     "CLIPFastRCNN": build_clip_fast_rcnn,
     "PretrainFastRCNN": build_pretrain_fast_rcnn,
+    "CustomRCNN": _build_custom_rcnn,  # Detic's open-vocabulary COCO models
     "ProposalNetwork": build_proposal_network,  # trains an offline RPN (rpn_training.py)
     # The original's mask_rcnn_* configs: only their RPN is built and trained, for
     # MODEL.CLIP.BB_RPN_WEIGHTS (the log says so).

@@ -26,13 +26,6 @@ def _connected_zero(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.sum() * 0.0
 
 
-def class_weights(num_classes: int, bg_weight: float, device=None) -> torch.Tensor:
-    """[num_classes + 1] weights: 1 per foreground class, ``bg_weight`` for background (last)."""
-    weights = torch.ones(num_classes + 1, device=device)
-    weights[-1] = bg_weight
-    return weights
-
-
 def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
                            bg_weight: float = 1.0) -> torch.Tensor:
     """sum_i w_{y_i} CE_i / sum_i w_{y_i}, w = 1 for foreground and ``bg_weight`` for background.
@@ -42,7 +35,8 @@ def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
     """
     if targets.numel() == 0:
         return _connected_zero(logits)
-    weights = class_weights(logits.shape[1] - 1, bg_weight, logits.device)
+    weights = torch.ones(logits.shape[1], device=logits.device)
+    weights[-1] = bg_weight
     return F.cross_entropy(logits, targets, weight=weights)
 
 

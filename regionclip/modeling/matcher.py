@@ -46,14 +46,8 @@ class Matcher:
         self.allow_low_quality_matches = allow_low_quality_matches
 
     def __call__(self, match_quality_matrix: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Match predictions to ground truth.
-
-        Args:
-            match_quality_matrix: [M, N] non-negative quality (IoU) of M gt x N predictions.
-        Returns:
-            matches: [N] int64 index of the best gt (0 when there is no gt).
-            match_labels: [N] int8 label of each prediction; with no gt all get ``labels[0]``.
-        """
+        """[M, N] non-negative quality (IoU) of M gt x N predictions -> (matches: [N] int64
+        index of the best gt, 0 without gt; match_labels: [N] int8, ``labels[0]`` without gt)."""
         if match_quality_matrix.dim() != 2:
             raise ValueError(f"Expected an [M, N] matrix, got {tuple(match_quality_matrix.shape)}")
         num_pred = match_quality_matrix.shape[1]
@@ -70,35 +64,19 @@ class Matcher:
         for label, low, high in zip(self.labels, self.thresholds[:-1], self.thresholds[1:]):
             match_labels[(matched_vals >= low) & (matched_vals < high)] = label
         if self.allow_low_quality_matches:
-            self._set_low_quality_matches(match_labels, match_quality_matrix)
+            # Like detectron2, ``matches`` is left alone: such a prediction keeps its own best gt.
+            best_per_gt = match_quality_matrix.max(dim=1).values
+            match_labels[(match_quality_matrix == best_per_gt[:, None]).any(dim=0)] = POSITIVE
         return matches, match_labels
-
-    @staticmethod
-    def _set_low_quality_matches(labels: torch.Tensor, quality: torch.Tensor) -> None:
-        """Label 1 (in place) each prediction that ties for the best quality of some gt.
-
-        Like detectron2, ``matches`` is left alone: such a prediction keeps its own best gt.
-        """
-        best_per_gt = quality.max(dim=1).values
-        is_best = quality == best_per_gt[:, None]
-        labels[is_best.any(dim=0)] = POSITIVE
 
 
 def subsample_labels(
     labels: torch.Tensor, num_samples: int, positive_fraction: float, bg_label: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Randomly pick up to ``num_samples`` labelled elements, favouring foreground.
+    """Random pos_idx [P], neg_idx [Q] (int64 indices into ``labels`` [N], P + Q <= num_samples).
 
     Positives (label not -1 and not ``bg_label``) are sampled up to
     ``int(num_samples * positive_fraction)``; negatives (``bg_label``) fill the rest.
-
-    Args:
-        labels: [N] int labels; -1 means ignore.
-        num_samples: total number of samples wanted.
-        positive_fraction: target share of positives.
-        bg_label: the background label.
-    Returns:
-        pos_idx [P], neg_idx [Q] int64 indices into ``labels``, P + Q <= num_samples.
     """
     positive = ((labels != IGNORE) & (labels != bg_label)).nonzero().flatten()
     negative = (labels == bg_label).nonzero().flatten()
@@ -128,9 +106,6 @@ class RoISampling:
     append_gt: bool = True
     only_foreground: bool = False
 
-    def matcher(self) -> Matcher:
-        return Matcher(self.iou_thresholds, self.iou_labels, allow_low_quality_matches=False)
-
 
 def append_ground_truth(proposals: List[Instances], targets: List[Instances]) -> List[Instances]:
     """Proposals followed by their image's ground-truth boxes (objectness: near-certain)."""
@@ -153,35 +128,25 @@ def _check_classes(gt_classes: torch.Tensor, num_classes: int) -> None:
         )
 
 
-def _label_proposals(matched_idxs, matched_labels, gt_classes, num_classes: int):
-    """[N] class of each proposal: its gt's class, ``num_classes`` for background, -1 ignored."""
-    if gt_classes.numel() == 0:
-        return torch.full_like(matched_idxs, num_classes)
-    labels = gt_classes[matched_idxs]
-    labels[matched_labels == NEGATIVE] = num_classes
-    labels[matched_labels == IGNORE] = -1
-    return labels
-
-
-def _sample(labels: torch.Tensor, has_gt: bool, num_classes: int, sampling: RoISampling):
-    """Indices of the sampled proposals: foreground first, then background."""
+def _sample_image(props: Instances, gt: Instances, num_classes: int,
+                  sampling: RoISampling) -> Instances:
+    _check_classes(gt.gt_classes, num_classes)
+    matcher = Matcher(sampling.iou_thresholds, sampling.iou_labels)
+    matched_idxs, matched_labels = matcher(pairwise_iou(gt.gt_boxes, props.proposal_boxes))
+    has_gt = len(gt) > 0
+    # Class of each proposal: its gt's class, ``num_classes`` for background, -1 ignored.
+    labels = torch.full_like(matched_idxs, num_classes)
+    if has_gt:
+        labels = gt.gt_classes[matched_idxs]
+        labels[matched_labels == NEGATIVE] = num_classes
+        labels[matched_labels == IGNORE] = -1
     fg, bg = subsample_labels(labels, sampling.batch_size_per_image, sampling.positive_fraction,
                               num_classes)
     if not sampling.only_foreground:
-        return torch.cat([fg, bg])
-    if has_gt:
-        return fg
-    return torch.zeros(min(1, labels.numel()), dtype=torch.int64, device=labels.device)
-
-
-def _sample_image(props: Instances, gt: Instances, num_classes: int,
-                  sampling: RoISampling) -> Instances:
-    has_gt = len(gt) > 0
-    _check_classes(gt.gt_classes, num_classes)
-    quality = pairwise_iou(gt.gt_boxes, props.proposal_boxes)
-    matched_idxs, matched_labels = sampling.matcher()(quality)
-    labels = _label_proposals(matched_idxs, matched_labels, gt.gt_classes, num_classes)
-    keep = _sample(labels, has_gt, num_classes, sampling)
+        keep = torch.cat([fg, bg])
+    else:
+        keep = fg if has_gt else torch.zeros(min(1, labels.numel()), dtype=torch.int64,
+                                             device=labels.device)
     sampled = props[keep]
     sampled.gt_classes = labels[keep]
     sampled.gt_index = matched_idxs[keep]
@@ -194,16 +159,10 @@ def _sample_image(props: Instances, gt: Instances, num_classes: int,
 @torch.no_grad()
 def label_and_sample_proposals(proposals: List[Instances], targets: List[Instances],
                                num_classes: int, sampling: RoISampling) -> List[Instances]:
-    """Training RoIs of each image.
-
-    Args:
-        proposals: per image ``proposal_boxes`` and ``objectness_logits``.
-        targets: per image ``gt_boxes`` and ``gt_classes`` (contiguous, < num_classes).
-        num_classes: foreground classes; label ``num_classes`` is background.
-    Returns:
-        per image the sampled proposals (foreground first) with ``gt_classes`` (class or
-        background), ``gt_boxes`` (matched ground-truth box) and ``gt_index`` (index of that
-        box in the image's targets, e.g. to crop its mask).
+    """Training RoIs of each image: the sampled ``proposals`` (foreground first) with
+    ``gt_classes`` (the class, or ``num_classes`` for background), ``gt_boxes`` (matched
+    ground-truth box) and ``gt_index`` (that box's index in ``targets``, e.g. to crop its mask).
+    ``targets``: per image ``gt_boxes`` and ``gt_classes`` (contiguous, < num_classes).
     """
     if sampling.append_gt:
         proposals = append_ground_truth(proposals, targets)

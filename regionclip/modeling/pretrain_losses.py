@@ -11,6 +11,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.nn.functional import all_gather as differentiable_all_gather
 
+from ..distributed import get_world_size
+
 DEFAULT_TEMPERATURE = 0.01
 
 
@@ -69,7 +71,7 @@ def region_concept_contrastive(
     return -torch.logsumexp(log_probs + label_matrix.float().log(), dim=1).mean()
 
 
-def _gather_rows(x: torch.Tensor) -> torch.Tensor:
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """All processes' rows of ``x`` concatenated in rank order, with gradients.
 
     Per-process row counts may differ: they are exchanged first, every process pads to the
@@ -85,10 +87,6 @@ def _gather_rows(x: torch.Tensor) -> torch.Tensor:
     padded = F.pad(x, (0, 0, 0, max(counts) - x.shape[0]))
     parts: List[torch.Tensor] = differentiable_all_gather(padded)
     return torch.cat([p[:n] for p, n in zip(parts, counts)])
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def image_text_contrastive(
@@ -112,8 +110,8 @@ def image_text_contrastive(
                          f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
     image = F.normalize(image_emb.float(), dim=1)
     text = F.normalize(text_emb.float(), dim=1)
-    if gather and _distributed():
-        image, text = _gather_rows(image), _gather_rows(text)
+    if gather and get_world_size() > 1:
+        image, text = gather_rows(image), gather_rows(text)
     if image.shape[0] == 0:
         return _zero_loss(image_emb, text_emb)
     logits = image @ text.t() / temperature

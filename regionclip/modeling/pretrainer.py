@@ -1,15 +1,10 @@
 """PretrainFastRCNN: RegionCLIP's region-text pretraining model (reference sections 4.3, 5).
 
-A frozen offline RPN proposes regions; a frozen CLIP teacher labels them with concepts from
-the teacher concept pool; the student CLIP trunk learns (1) to match the teacher's concept
-distribution (KL distillation), (2) to pick its region's concept among the batch's concepts
-(contrastive) and (3) to match each whole image with one of its captions (image-text
-contrastive, captions encoded by the frozen CLIP text tower).
-
-Attribute names are the official pretrained checkpoint's prefixes: ``backbone`` (student),
-``teacher_backbone``, ``lang_encoder``, ``offline_backbone``, ``offline_proposal_generator``;
-the concept pools and pixel statistics are non-persistent buffers. The zero-shot detector
-(CLIPFastRCNN) therefore loads a saved state dict unchanged.
+A frozen offline RPN proposes regions and a frozen CLIP teacher labels them with pool concepts;
+the student trunk learns KL distillation, region-concept contrastive and image-text contrastive
+losses (captions through the frozen text tower). Attribute names are the official checkpoint's
+prefixes (concept pools and pixel statistics are non-persistent buffers), so CLIPFastRCNN loads
+a saved state dict unchanged.
 """
 from typing import Dict, List, Optional, Sequence, Tuple
 

@@ -191,3 +191,27 @@ class RegionHead(nn.Module):
                                                mask_logits.shape[-1], s.gt_index[fg]))
         classes = torch.cat([s.gt_classes[fg] for s, fg in zip(sampled, foreground)])
         return mask_loss(mask_logits, torch.cat(crops).to(mask_logits.device), classes)
+
+
+_BACKGROUND = "the background embedding is fixed at zero"
+_LEARNT = "learnt from its initialisation in this training"
+_NO_DELTAS = "box deltas are not applied (MODEL.CLIP.NO_BOX_DELTA or ground-truth boxes)"
+
+
+def missing_by_design(model: nn.Module, training: bool) -> Dict[str, str]:
+    """Model-key prefixes a checkpoint may lack without harm -> why (for the load report).
+
+    A pretrained RegionCLIP file has no box predictor: its background embedding is a constant,
+    and its box regression (and mask head) only matter once trained or when deltas are applied.
+    """
+    head = getattr(model, "roi_heads", None)
+    if not isinstance(head, RegionHead):
+        return {}
+    reasons = {"roi_heads.box_predictor.cls_bg_score": _BACKGROUND}
+    if training:
+        reasons["roi_heads.box_predictor.bbox_pred"] = _LEARNT
+        if head.mask_head is not None:
+            reasons["roi_heads.mask_head"] = _LEARNT
+    elif head.inference_settings.no_box_delta:
+        reasons["roi_heads.box_predictor.bbox_pred"] = _NO_DELTAS
+    return reasons

@@ -5,13 +5,14 @@ detectron2's parameter names (`stem.conv1.norm.weight`, `res2.0.shortcut.weight`
 `fpn_lateral2.weight`, ...) and its MSRA bottleneck layout (stride in the 1x1 conv when
 `stride_in_1x1`). torchvision's ResNet puts the stride in the 3x3 conv and cannot stand in.
 """
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regionclip.ops import FrozenBatchNorm2d
+from ..ops import FrozenBatchNorm2d
+from .clip_resnet import ShapeSpec
 
 NUM_BLOCKS_PER_DEPTH = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 STAGE_INDEX = {"res2": 2, "res3": 3, "res4": 4, "res5": 5}
@@ -24,13 +25,6 @@ _NORMS = {
     "SyncBN": nn.SyncBatchNorm,
     "GN": lambda channels: nn.GroupNorm(GN_GROUPS, channels),
 }
-
-
-class ShapeSpec(NamedTuple):
-    """Channels and stride (in input pixels) of one feature map."""
-
-    channels: int
-    stride: int
 
 
 def get_norm(norm: str, channels: int) -> Optional[nn.Module]:
@@ -80,10 +74,11 @@ def _msra_fill(conv: nn.Conv2d) -> None:
         nn.init.zeros_(conv.bias)
 
 
-def _xavier_fill(conv: nn.Conv2d) -> None:
-    nn.init.kaiming_uniform_(conv.weight, a=1)
-    if conv.bias is not None:
-        nn.init.zeros_(conv.bias)
+def c2_xavier_fill(layer: nn.Module) -> None:
+    """detectron2's (Caffe2) XavierFill: kaiming-uniform with a = 1, zero bias."""
+    nn.init.kaiming_uniform_(layer.weight, a=1)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
 
 
 def freeze_norms_(module: nn.Module) -> nn.Module:
@@ -123,10 +118,8 @@ class BasicStem(nn.Module):
 
 
 class BottleneckBlock(nn.Module):
-    """1x1 -> 3x3 (grouped, dilated) -> 1x1 residual block with a projection shortcut.
-
-    `stride_in_1x1=True` is the MSRA layout of detectron2's ImageNet-initialised models.
-    """
+    """1x1 -> 3x3 (grouped, dilated) -> 1x1 residual block with a projection shortcut;
+    `stride_in_1x1=True` is the MSRA layout of detectron2's ImageNet-initialised models."""
 
     def __init__(
         self, in_channels: int, out_channels: int, *, bottleneck_channels: int, stride: int = 1,
@@ -170,9 +163,7 @@ class BottleneckBlock(nn.Module):
 
 class ResNet(Freezable):
     """Stem plus stages `res2`, `res3`, ...; forward returns {name: feature} for `out_features`.
-
-    `size_divisibility` is 0: a plain ResNet accepts any input size.
-    """
+    `size_divisibility` is 0: a plain ResNet accepts any input size."""
 
     size_divisibility = 0
 
@@ -223,10 +214,8 @@ def build_resnet(
     width_per_group: int = 64, stride_in_1x1: bool = True, res5_dilation: int = 1,
     in_channels: int = 3,
 ) -> ResNet:
-    """Bottleneck ResNet with detectron2's `build_resnet_backbone` stage arithmetic.
-
-    Only the stages up to the deepest requested output are built (C4: res2..res4).
-    """
+    """Bottleneck ResNet with detectron2's `build_resnet_backbone` stage arithmetic; only the
+    stages up to the deepest requested output are built (C4: res2..res4)."""
     if depth not in NUM_BLOCKS_PER_DEPTH:
         raise ValueError(f"RESNETS.DEPTH {depth} unsupported; valid: {list(NUM_BLOCKS_PER_DEPTH)}")
     if res5_dilation not in (1, 2):
@@ -252,17 +241,9 @@ def build_resnet(
     return ResNet(stem, stages, out_features).freeze(freeze_at)
 
 
-class LastLevelMaxPool(nn.Module):
-    """p6 = max-pool(kernel 1, stride 2) of p5, as in detectron2's FPN top block."""
-
-    in_feature = "p5"
-
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        return [F.max_pool2d(x, kernel_size=1, stride=2, padding=0)]
-
-
 class FPN(Freezable):
-    """Feature pyramid over a ResNet: outputs p2..p5 (+ p6 from the top block).
+    """Feature pyramid over a ResNet: outputs p2..p5 and p6 = max-pool(kernel 1, stride 2) of p5
+    (detectron2's `LastLevelMaxPool` top block, which has no parameters).
 
     Child names follow detectron2 (`fpn_lateral{k}`, `fpn_output{k}`, `bottom_up`); they are
     registered lateral/output per level first, then `bottom_up`, as detectron2 does.
@@ -286,11 +267,10 @@ class FPN(Freezable):
                              norm=get_norm(norm, out_channels))
             output = Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=use_bias,
                             norm=get_norm(norm, out_channels))
-            _xavier_fill(lateral)
-            _xavier_fill(output)
+            c2_xavier_fill(lateral)
+            c2_xavier_fill(output)
             self.add_module(f"fpn_lateral{level}", lateral)
             self.add_module(f"fpn_output{level}", output)
-        self.top_block = LastLevelMaxPool()
         self.bottom_up = bottom_up
         self.fuse_type = fuse_type
         self.size_divisibility = shapes[self.in_features[-1]].stride
@@ -311,7 +291,7 @@ class FPN(Freezable):
                     lateral = lateral / 2
             prev = lateral
             results.insert(0, getattr(self, f"fpn_output{level}")(prev))
-        results.extend(self.top_block(results[-1]))
+        results.append(F.max_pool2d(results[-1], kernel_size=1, stride=2, padding=0))
         return dict(zip(self._shapes, results))
 
     def output_shape(self) -> Dict[str, ShapeSpec]:

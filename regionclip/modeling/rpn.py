@@ -1,30 +1,24 @@
 """Region proposal network with detectron2 semantics and parameter names.
 
 Anchors, head and proposal selection reproduce detectron2's `DefaultAnchorGenerator`,
-`StandardRPNHead` and `find_top_rpn_proposals`, so the RPNs of official detectron2 checkpoints
-give the same proposals. RegionCLIP's offline RPN is frozen; training an RPN (its losses) lives in
-`rpn_training.py` and uses `RPN.head_outputs`.
-
-The offline RPN (an ordinary detectron2 R50-C4 / R50-FPN RPN trained on BGR images with
-detectron2's pixel means) sees the same resized image as the CLIP branch, re-normalised its own
-way (:class:`OfflineRPNInput`); padding is right/bottom only, so proposals are in the
-coordinates of the resized image shared by both branches. A detector holds the two modules as
-`offline_backbone` / `offline_proposal_generator` (the official checkpoint prefixes) and calls
-:func:`offline_proposals` with its raw images.
+`StandardRPNHead` and `find_top_rpn_proposals`, so official detectron2 RPNs give the same
+proposals (training one: `rpn_training.py`). RegionCLIP's frozen offline RPN (detector attributes
+`offline_backbone` / `offline_proposal_generator`, the checkpoint prefixes) sees the CLIP branch's
+resized image re-normalised its own way (`OfflineRPNInput`) and padded right/bottom only, so its
+proposals are in the coordinates both branches share.
 """
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from regionclip.modeling.box_coder import Box2BoxTransform
-from regionclip.modeling.resnet_fpn import Conv2d, Freezable
-from regionclip.ops import batched_nms
-from regionclip.structures.boxes import Boxes
-from regionclip.structures.image_list import ImageList
-from regionclip.structures.instances import Instances
+from ..ops import batched_nms
+from ..structures import Boxes, ImageList, Instances
+from .box_coder import Box2BoxTransform
+from .resnet_fpn import Conv2d, Freezable
 
 BOX_DIM = 4
 CHANNEL_ORDERS = ("RGB", "BGR")
@@ -43,10 +37,8 @@ def _broadcast(params: Sequence, num_levels: int, name: str) -> List[List[float]
 
 
 def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> torch.Tensor:
-    """Anchors centred at (0, 0): [len(sizes) * len(ratios), 4] xyxy, sizes outer, ratios inner.
-
-    A size is sqrt(area); a ratio is height / width.
-    """
+    """Anchors centred at (0, 0): [len(sizes) * len(ratios), 4] xyxy, sizes outer, ratios inner;
+    a size is sqrt(area), a ratio height / width."""
     anchors = []
     for size in sizes:
         for ratio in aspect_ratios:
@@ -57,10 +49,8 @@ def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> torc
 
 
 class DefaultAnchorGenerator(nn.Module):
-    """Cell anchors tiled over each feature map (row-major locations, cell anchors inner).
-
-    The cell anchors are non-persistent buffers: detectron2 checkpoints carry no anchor keys.
-    """
+    """Cell anchors tiled over each feature map (row-major locations, cell anchors inner); they
+    are non-persistent buffers: detectron2 checkpoints carry no anchor keys."""
 
     def __init__(self, sizes, aspect_ratios, strides: Sequence[int], offset: float = 0.0):
         super().__init__()
@@ -114,12 +104,8 @@ class StandardRPNHead(nn.Module):
                 raise ValueError(f"RPN.CONV_DIMS entries must be positive or -1, got {dim}")
             convs.append(Conv2d(channels, out, kernel_size=3, padding=1, activation=nn.ReLU()))
             channels = out
-        if len(convs) == 1:
-            self.conv = convs[0]
-        else:
-            self.conv = nn.Sequential()
-            for k, conv in enumerate(convs):
-                self.conv.add_module(f"conv{k}", conv)
+        self.conv = convs[0] if len(convs) == 1 else nn.Sequential(
+            OrderedDict((f"conv{k}", conv) for k, conv in enumerate(convs)))
         self.objectness_logits = nn.Conv2d(channels, num_anchors, kernel_size=1)
         self.anchor_deltas = nn.Conv2d(channels, num_anchors * BOX_DIM, kernel_size=1)
         for layer in self.modules():
@@ -156,26 +142,17 @@ def find_top_rpn_proposals(
         level_ids.append(torch.full((k,), level, dtype=torch.int64, device=scores_i.device))
     top_boxes, top_scores = torch.cat(top_boxes, dim=1), torch.cat(top_scores, dim=1)
     level_ids = torch.cat(level_ids)
-    return [
-        _select_single_image(top_boxes[n], top_scores[n], level_ids, size, nms_thresh,
-                             post_nms_topk, min_box_size)
-        for n, size in enumerate(image_sizes)
-    ]
-
-
-def _select_single_image(boxes, scores, levels, image_size, nms_thresh, post_nms_topk,
-                         min_box_size) -> Instances:
-    """boxes [K, 4], scores [K], levels [K] of one image -> Instances of <= post_nms_topk."""
-    valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
-    boxes, scores, levels = Boxes(boxes[valid]), scores[valid], levels[valid]
-    boxes.clip(image_size)
-    keep = boxes.nonempty(threshold=min_box_size)
-    boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
-    keep = batched_nms(boxes.tensor, scores, levels, nms_thresh)[:post_nms_topk]
-    result = Instances(image_size)
-    result.proposal_boxes = boxes[keep]
-    result.objectness_logits = scores[keep]
-    return result
+    results = []
+    for boxes, scores, image_size in zip(top_boxes, top_scores, image_sizes):
+        valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
+        boxes, scores, levels = Boxes(boxes[valid]), scores[valid], level_ids[valid]
+        boxes.clip(image_size)
+        keep = boxes.nonempty(threshold=min_box_size)
+        boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
+        keep = batched_nms(boxes.tensor, scores, levels, nms_thresh)[:post_nms_topk]
+        results.append(Instances(image_size, proposal_boxes=boxes[keep],
+                                 objectness_logits=scores[keep]))
+    return results
 
 
 class RPN(Freezable):
@@ -204,7 +181,17 @@ class RPN(Freezable):
     def forward(self, images: ImageList, features: Dict[str, torch.Tensor]) -> List[Instances]:
         """Proposals (in padded-image coordinates clipped to each image size) per image."""
         anchors, logits, deltas = self.head_outputs(features)
-        return self.predict_proposals(anchors, logits, deltas, images.image_sizes)
+        proposals = []  # per level [N, Hi*Wi*A, 4]: anchors moved by the predicted deltas
+        for anchors_i, deltas_i in zip(anchors, deltas):
+            n = deltas_i.shape[0]
+            boxes = self.box2box_transform.apply_deltas(deltas_i.reshape(-1, BOX_DIM),
+                                                        anchors_i.tensor.repeat(n, 1))
+            proposals.append(boxes.view(n, -1, BOX_DIM))
+        return find_top_rpn_proposals(
+            proposals, logits, images.image_sizes, self.nms_thresh,
+            self.pre_nms_topk[self.training], self.post_nms_topk[self.training],
+            self.min_box_size,
+        )
 
     def head_outputs(self, features: Dict[str, torch.Tensor]):
         """Per level: anchors (Boxes [Hi*Wi*A, 4]), logits [N, Hi*Wi*A], deltas [N, Hi*Wi*A, 4]."""
@@ -218,25 +205,6 @@ class RPN(Freezable):
             for x in deltas
         ]
         return anchors, logits, deltas
-
-    def predict_proposals(self, anchors: List[Boxes], logits: List[torch.Tensor],
-                          deltas: List[torch.Tensor], image_sizes) -> List[Instances]:
-        """Decode deltas [N, Hi*Wi*A, 4] on anchors and select (see find_top_rpn_proposals)."""
-        proposals = self._decode(anchors, deltas)
-        return find_top_rpn_proposals(
-            proposals, logits, image_sizes, self.nms_thresh, self.pre_nms_topk[self.training],
-            self.post_nms_topk[self.training], self.min_box_size,
-        )
-
-    def _decode(self, anchors: List[Boxes], deltas: List[torch.Tensor]) -> List[torch.Tensor]:
-        """Per level boxes [N, Hi*Wi*A, 4] = anchors moved by the predicted deltas."""
-        out = []
-        for anchors_i, deltas_i in zip(anchors, deltas):
-            n = deltas_i.shape[0]
-            anchors_i = anchors_i.tensor.unsqueeze(0).expand(n, -1, -1).reshape(-1, BOX_DIM)
-            boxes = self.box2box_transform.apply_deltas(deltas_i.reshape(-1, BOX_DIM), anchors_i)
-            out.append(boxes.view(n, -1, BOX_DIM))
-        return out
 
 
 @dataclass(frozen=True)

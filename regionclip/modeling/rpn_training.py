@@ -1,16 +1,10 @@
-"""Training the offline RPN: anchor labels, the two RPN losses, and `ProposalNetwork`.
+"""Training the offline RPN alone: anchor labels, the two RPN losses, and `ProposalNetwork`.
 
-RegionCLIP crops the regions of an ordinary detectron2 RPN trained on a dataset's base classes
-(``rpn_coco_48.pth``: R50-C4, ``rpn_lvis_866*.pth``: R50-FPN). Those files came from whole
-Mask R-CNNs (``META_ARCHITECTURE GeneralizedRCNN``), but RegionCLIP only ever uses their
-``backbone.*`` and ``proposal_generator.*`` weights. Training one here therefore builds and
-trains that part alone, as detectron2's ``ProposalNetwork``: its checkpoint has exactly those
-keys and works as ``MODEL.CLIP.BB_RPN_WEIGHTS`` unchanged. The losses are detectron2's: anchors
-matched at IoU (0.3, 0.7) with low-quality matches, 256 anchors per image of which at most half
-positive, sigmoid BCE on objectness and smooth-L1 on the deltas of positive anchors, both
-summed and divided by 256 x images.
+The offline RPN files (``rpn_coco_48.pth``: R50-C4, ``rpn_lvis_866*.pth``: R50-FPN) came from
+whole Mask R-CNNs, but RegionCLIP only ever uses their ``backbone.*`` and
+``proposal_generator.*`` weights. We train that part alone, as detectron2's ``ProposalNetwork``,
+with detectron2's losses; the checkpoint works as ``MODEL.CLIP.BB_RPN_WEIGHTS`` unchanged.
 """
-import logging
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
@@ -24,16 +18,15 @@ from .losses import smooth_l1_loss
 from .matcher import IGNORE, NEGATIVE, POSITIVE, Matcher, subsample_labels
 from .rpn import RPN, OfflineRPNInput
 
-logger = logging.getLogger("regionclip")
-
-
 
 @dataclass(frozen=True)
 class RPNTraining:
-    """Anchor labelling and loss settings (``MODEL.RPN.*``).
+    """Anchor labelling and loss settings (``MODEL.RPN.*``), detectron2's defaults.
 
-    boundary_thresh: anchors reaching further than this outside the image are ignored; < 0
-    keeps all. objectness_weight = LOSS_WEIGHT, box_weight = LOSS_WEIGHT x BBOX_REG_LOSS_WEIGHT.
+    Anchors are matched at IoU (0.3, 0.7) with low-quality matches; 256 per image are sampled,
+    at most half positive. boundary_thresh: anchors reaching further than this outside the
+    image are ignored; < 0 keeps all. objectness_weight = LOSS_WEIGHT, box_weight =
+    LOSS_WEIGHT x BBOX_REG_LOSS_WEIGHT.
     """
 
     batch_size_per_image: int = 256
@@ -45,37 +38,26 @@ class RPNTraining:
     objectness_weight: float = 1.0
     box_weight: float = 1.0
 
-    def matcher(self) -> Matcher:
-        return Matcher(self.iou_thresholds, self.iou_labels, allow_low_quality_matches=True)
-
-
-def _inside_image(anchors: torch.Tensor, image_size, thresh: float) -> torch.Tensor:
-    height, width = image_size
-    return ((anchors[:, 0] >= -thresh) & (anchors[:, 1] >= -thresh)
-            & (anchors[:, 2] < width + thresh) & (anchors[:, 3] < height + thresh))
-
-
-def _subsample(labels: torch.Tensor, settings: RPNTraining) -> torch.Tensor:
-    """Keep a random balanced subset of labelled anchors; the rest become ignored (-1)."""
-    pos, neg = subsample_labels(labels, settings.batch_size_per_image, settings.positive_fraction,
-                                NEGATIVE)
-    out = torch.full_like(labels, IGNORE)
-    out[pos] = POSITIVE
-    out[neg] = NEGATIVE
-    return out
-
 
 @torch.no_grad()
 def label_anchors(anchors: Boxes, gt_boxes: Boxes, image_size,
                   settings: RPNTraining) -> Tuple[torch.Tensor, torch.Tensor]:
     """Sampled labels [A] (1 object, 0 background, -1 ignored) and matched gt boxes [A, 4].
 
-    anchors: all levels' anchors of one image; gt_boxes: that image's boxes.
+    anchors: all levels' anchors of one image; gt_boxes: that image's boxes. Labelled anchors
+    outside the random balanced sample become ignored.
     """
-    matched_idxs, labels = settings.matcher()(pairwise_iou(gt_boxes, anchors))
+    matcher = Matcher(settings.iou_thresholds, settings.iou_labels, allow_low_quality_matches=True)
+    matched_idxs, labels = matcher(pairwise_iou(gt_boxes, anchors))
     if settings.boundary_thresh >= 0:
-        labels[~_inside_image(anchors.tensor, image_size, settings.boundary_thresh)] = IGNORE
-    labels = _subsample(labels, settings)
+        (height, width), t, box = image_size, settings.boundary_thresh, anchors.tensor
+        inside = ((box[:, 0] >= -t) & (box[:, 1] >= -t)
+                  & (box[:, 2] < width + t) & (box[:, 3] < height + t))
+        labels[~inside] = IGNORE
+    pos, neg = subsample_labels(labels, settings.batch_size_per_image, settings.positive_fraction,
+                                NEGATIVE)
+    labels = torch.full_like(labels, IGNORE)
+    labels[pos], labels[neg] = POSITIVE, NEGATIVE
     if len(gt_boxes) == 0:
         return labels, torch.zeros_like(anchors.tensor)
     return labels, gt_boxes.tensor[matched_idxs]
@@ -100,6 +82,18 @@ def rpn_losses(anchors: Boxes, logits: torch.Tensor, deltas: torch.Tensor, label
     normalizer = settings.batch_size_per_image * labels.shape[0]
     return {"loss_rpn_cls": objectness_loss / normalizer * settings.objectness_weight,
             "loss_rpn_loc": box_loss / normalizer * settings.box_weight}
+
+
+def batch_rpn_losses(rpn: RPN, head_outputs, gt_boxes: Sequence[Boxes], image_sizes,
+                     settings: RPNTraining) -> Dict[str, torch.Tensor]:
+    """RPN losses of a batch from ``rpn.head_outputs(features)`` and each image's gt boxes."""
+    anchors, logits, deltas = head_outputs
+    anchors = Boxes.cat(anchors)
+    labelled = [label_anchors(anchors, gt, size, settings)
+                for gt, size in zip(gt_boxes, image_sizes)]
+    labels, matched = (torch.stack(t) for t in zip(*labelled))
+    return rpn_losses(anchors, torch.cat(logits, dim=1), torch.cat(deltas, dim=1), labels,
+                      matched, rpn.box2box_transform, settings)
 
 
 def rescale_proposals(proposals: Instances, height: int, width: int) -> Instances:
@@ -153,12 +147,7 @@ class ProposalNetwork(nn.Module):
                batched_inputs: Sequence[Dict]) -> Dict[str, torch.Tensor]:
         if any("instances" not in x for x in batched_inputs):
             raise ValueError("Training an RPN needs 'instances' with gt_boxes in every input")
-        anchors, logits, deltas = self.proposal_generator.head_outputs(features)
-        anchors = Boxes.cat(anchors)
-        labelled = [label_anchors(anchors, x["instances"].gt_boxes.to(self.device), size,
-                                  self.training_settings)
-                    for x, size in zip(batched_inputs, images.image_sizes)]
-        labels, matched = (torch.stack(t) for t in zip(*labelled))
-        return rpn_losses(anchors, torch.cat(logits, dim=1), torch.cat(deltas, dim=1), labels,
-                          matched, self.proposal_generator.box2box_transform,
-                          self.training_settings)
+        outputs = self.proposal_generator.head_outputs(features)
+        gt_boxes = [x["instances"].gt_boxes.to(self.device) for x in batched_inputs]
+        return batch_rpn_losses(self.proposal_generator, outputs, gt_boxes, images.image_sizes,
+                                self.training_settings)

@@ -13,9 +13,11 @@ from open_clip.transformer import LayerNormFp32, QuickGELU, TextTransformer
 
 from ..atomic import atomic_open
 from ..config.variants import CLIPVariant
+from ..download_pages import missing_file_message
 from ..prompts import PROMPT_TEMPLATES, build_prompts, tokenize
 
-__all__ = ["TextEncoder", "concept_embeddings", "load_embeddings", "save_embeddings"]
+__all__ = ["TextEncoder", "check_finite_embeddings", "concept_embeddings", "load_embeddings",
+           "save_embeddings"]
 
 class TextEncoder(TextTransformer):
     """OpenAI-CLIP text tower for ``variant``; output width ``variant.embed_dim``."""
@@ -78,11 +80,26 @@ def save_embeddings(embeddings: torch.Tensor, path: str) -> None:
         torch.save(embeddings.detach().cpu().clone(), f)
 
 
+def check_finite_embeddings(embeddings: torch.Tensor, source: str) -> None:
+    """ValueError naming ``source`` and the rows holding NaN or infinity: one such row makes
+    every region's scores NaN, which drops every detection without a word."""
+    rows = (~torch.isfinite(embeddings)).flatten(1).any(dim=1).nonzero().flatten().tolist()
+    if rows:
+        shown = str(rows[:10])[:-1] + (", ...]" if len(rows) > 10 else "]")
+        raise ValueError(f"{source}: rows {shown} of the {len(embeddings)} class embeddings "
+                         "hold NaN or infinite values; recompute them")
+
+
 def load_embeddings(path: str, expected_dim: Optional[int] = None) -> torch.Tensor:
-    """Read a [C, D] embedding file (rows unnormalised) as float32 on the CPU."""
+    """Read a [C, D] embedding file (rows unnormalised, finite) as float32 on the CPU."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"embedding file not found: {path}")
-    data = torch.load(path, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(missing_file_message(path, "class embedding file"))
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many types for a damaged file
+        raise ValueError(f"{path} is not a readable embedding file (one [num_classes, dim] "
+                         f"tensor written by torch.save): {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}") from err
     if not isinstance(data, torch.Tensor) or data.dim() != 2:
         got = tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
         raise ValueError(f"{path} must hold one 2-D tensor [num_classes, dim], got {got}")
@@ -91,4 +108,5 @@ def load_embeddings(path: str, expected_dim: Optional[int] = None) -> torch.Tens
             f"{path} holds {data.shape[1]}-dim embeddings, expected {expected_dim} "
             "(the text embedding width of the CLIP variant)"
         )
+    check_finite_embeddings(data, path)
     return data.float()

@@ -16,24 +16,16 @@ RawBox = Union[List[float], Tuple[float, ...], torch.Tensor, np.ndarray]
 
 @unique
 class BoxMode(IntEnum):
-    """How the four numbers of a box are laid out.
-
-    The integer values are detectron2's, because dataset dicts store ``bbox_mode`` as an int.
-    """
+    """Layout of a box's four numbers; the int values are detectron2's (dataset dicts store
+    ``bbox_mode`` as an int)."""
 
     XYXY_ABS = 0  # (x1, y1, x2, y2) in pixels
     XYWH_ABS = 1  # (x1, y1, width, height) in pixels, as in COCO json
 
     @staticmethod
     def convert(box: RawBox, from_mode: "BoxMode", to_mode: "BoxMode") -> RawBox:
-        """Convert ``box`` between modes and return the same container type.
-
-        Args:
-            box: a 4-element list/tuple, or a tensor / numpy array of shape [..., 4].
-            from_mode, to_mode: `BoxMode` (or its int value).
-        Returns:
-            the converted box; the input is never modified.
-        """
+        """A 4-element list/tuple or a tensor / numpy array [..., 4] in ``to_mode``, as the same
+        container type; the input is never modified. Modes may be given as ints."""
         from_mode, to_mode = BoxMode(from_mode), BoxMode(to_mode)
         if from_mode == to_mode:
             return box
@@ -85,10 +77,8 @@ class Boxes:
         yield from self.tensor
 
     def __getitem__(self, item) -> "Boxes":
-        """Index with an int (-> one-row Boxes), a slice, a bool mask [N] or an index tensor.
-
-        The result may share storage with this object (PyTorch indexing rules).
-        """
+        """Index with an int (-> one-row Boxes), a slice, a bool mask [N] or an index tensor;
+        the result may share storage with this object (PyTorch indexing rules)."""
         if isinstance(item, int):
             return Boxes(self.tensor[item].view(1, -1))
         selected = self.tensor[item]
@@ -143,13 +133,7 @@ class Boxes:
 
 
 def pairwise_iou(boxes1: Boxes, boxes2: Boxes) -> torch.Tensor:
-    """IoU between every pair of boxes.
-
-    Args:
-        boxes1: N boxes; boxes2: M boxes.
-    Returns:
-        [N, M] IoU. As in detectron2, pairs that do not intersect get 0 even when both boxes
-        are degenerate (torchvision would give 0/0 = NaN there).
-    """
+    """[N, M] IoU of N ``boxes1`` and M ``boxes2``. As in detectron2, pairs that do not
+    intersect get 0 even when both boxes are degenerate (torchvision gives 0/0 = NaN there)."""
     iou = ops.box_iou(boxes1.tensor, boxes2.tensor)
     return iou.nan_to_num_(nan=0.0)

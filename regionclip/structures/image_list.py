@@ -5,12 +5,8 @@ import torch
 
 
 class ImageList:
-    """Images padded right/bottom to a common size, with their true sizes remembered.
-
-    Attributes:
-        tensor: [N, ..., H, W] padded batch (e.g. [N, C, H, W]).
-        image_sizes: N tuples (h, w), the un-padded size of each image.
-    """
+    """Images padded right/bottom to a common size: ``tensor`` [N, ..., H, W] and
+    ``image_sizes``, the N un-padded sizes (h, w)."""
 
     def __init__(self, tensor: torch.Tensor, image_sizes: List[Tuple[int, int]]):
         self.tensor = tensor
@@ -37,16 +33,9 @@ class ImageList:
         size_divisibility: int = 0,
         pad_value: Union[float, int] = 0.0,
     ) -> "ImageList":
-        """Pad images to the largest height and width in the batch and stack them.
-
-        Args:
-            tensors: images of shape [..., Hi, Wi]; all leading dims must agree.
-            size_divisibility: if > 0, the padded H and W are rounded up to a multiple of it
-                (backbones whose strides must divide the input size need this).
-            pad_value: value written into the padding.
-        Returns:
-            ImageList with ``tensor`` [N, ..., H, W] and ``image_sizes`` [(Hi, Wi)].
-        """
+        """Pad images [..., Hi, Wi] (same leading dims) with ``pad_value`` to the largest H and
+        W of the batch, rounded up to a multiple of ``size_divisibility`` if > 0 (backbones
+        whose strides must divide the input size need this), and stack them."""
         if not isinstance(tensors, (list, tuple)) or len(tensors) == 0:
             raise ValueError("ImageList.from_tensors needs a non-empty list of tensors")
         lead = tensors[0].shape[:-2]

@@ -86,10 +86,8 @@ class Instances:
         return ret
 
     def __getitem__(self, item: Any) -> "Instances":
-        """Index every field with an int, slice, bool mask [N] or index tensor [K].
-
-        An int keeps the dimension (the result has length 1), as in detectron2.
-        """
+        """Index every field with an int, slice, bool mask [N] or index tensor [K]; an int
+        keeps the dimension (the result has length 1), as in detectron2."""
         if isinstance(item, int):
             n = len(self)
             if not -n <= item < n:
@@ -110,10 +108,8 @@ class Instances:
 
     @staticmethod
     def cat(instance_lists: List["Instances"]) -> "Instances":
-        """Concatenate Instances of the same image size and the same field names.
-
-        Tensors are concatenated along dim 0, lists chained, other types use ``type(v).cat``.
-        """
+        """Concatenate Instances of the same image size and field names: tensors along dim 0,
+        lists chained, other types with ``type(v).cat``."""
         if len(instance_lists) == 0:
             raise ValueError("Instances.cat needs at least one Instances")
         if len(instance_lists) == 1:
