@@ -2,7 +2,8 @@
 
 Setting (test_zeroshot_inference.sh, RN50 RPN COCO): CLIP_fast_rcnn_R_50_C4_ovd_zsinf.yaml, the
 LVIS R50-FPN offline RPN (NMS 0.9, 1000 proposals), 65 classes, MULTIPLY_RPN_SCORE True, one
-800x1333 image; official-shaped generated weights (tests/_e2e_utils.py). Each run is
+800x1333 image; official-shaped generated weights (tests/_e2e_utils.py, frozen-BN statistics
+from the image so that features stay finite and vary from region to region). Each run is
 ``CLIPFastRCNN.inference`` on the image (RPN, trunk, regions, post-processing); medians of
 --repeats runs after a warm-up, exact and fast runs interleaved so that load from other
 programs hits both alike.
@@ -35,6 +36,7 @@ from fvcore.nn import FlopCountAnalysis
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from _agreement import matched_fraction  # noqa: E402
+from _common import norms_from_inputs  # noqa: E402
 from _e2e_utils import module_state_shapes, rectangles_image, sane_state_dict  # noqa: E402
 
 from regionclip.config import load_config  # noqa: E402
@@ -51,17 +53,24 @@ CHUNK = 128  # regions per res5 pass (clip_resnet.INFERENCE_CHUNK)
 GEMM_SHAPES = ((CHUNK * 196, 4608, 512), (CHUNK * 49, 512, 2048), (CHUNK * 50, 2048, 2048))
 
 
-def build(device: str):
+def build(device: str, inputs):
+    """The seed model with generated weights whose frozen-BN statistics are taken from
+    ``inputs`` (see `norms_from_inputs`): finite, varied region embeddings and proposals."""
     cfg = load_config(str(CONFIG), [
         "MODEL.DEVICE", device, "MODEL.CLIP.CROP_REGION_TYPE", "RPN",
         "MODEL.CLIP.MULTIPLY_RPN_SCORE", "True", "MODEL.CLIP.OFFLINE_RPN_CONFIG", str(RPN_CONFIG)])
     model = build_model(cfg).eval().requires_grad_(False)
-    state = sane_state_dict(module_state_shapes(model, ""), seed=0)
-    model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=False)
+    model.load_state_dict(sane_state_dict(module_state_shapes(model, ""), full=True),
+                          strict=False)
     gen = torch.Generator().manual_seed(0)
     model.roi_heads.box_predictor.set_test_embeddings(torch.randn(NUM_CLASSES, 1024,
                                                                   generator=gen))
-    return model.to(device)
+    model.to(device)
+    regions = torch.tensor([[0, 0, 600, 500], [300, 200, 900, 700], [100, 400, 1300, 790.0]])
+    with torch.no_grad(), norms_from_inputs(model):
+        model.get_proposals(inputs)
+        model.embed_regions(inputs, [regions])
+    return model
 
 
 def with_low_objectness(model, fraction: float):
@@ -155,9 +164,9 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
-    model = build(args.device)
     image = torch.from_numpy(rectangles_image(*IMAGE_HW, seed=0)).permute(2, 0, 1).float()
     inputs = [{"image": image, "height": IMAGE_HW[0], "width": IMAGE_HW[1]}]
+    model = build(args.device, inputs)
     rate = gemm_rate(args.device)
     unit = "CPU-s" if args.device == "cpu" else "s"
     print(f"RN50 zero-shot, 1 image {IMAGE_HW[0]}x{IMAGE_HW[1]}, {NUM_CLASSES} classes, fused "

@@ -107,6 +107,31 @@ def test_detections_equal_train_net_eval_only(files, tmp_path, regions):
         assert mine["score"] == pytest.approx(theirs["score"], rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_train_net_eval_only_agrees_with_cpu(files, tmp_path):
+    from _agreement import matched_fraction
+
+    json_path, image_dir = make_coco_dataset(tmp_path / "data", num_images=3, image_size=(60, 80))
+    emb_path = str(tmp_path / "emb.pth")
+    save_embeddings(ClassNameEncoder(files["pretrained"], TINY, cache_dir="")(CLASSES), emb_path)
+    extra = ["MODEL.CLIP.CROP_REGION_TYPE", "RPN", "MODEL.CLIP.OFFLINE_RPN_CONFIG",
+             TINY_RPN_CONFIG, *FUSED, "TEST.IMS_PER_BATCH", "2"]
+    results = []
+    for device in ("cpu", "cuda"):
+        (tmp_path / device).mkdir()
+        detections = _train_net_results(tmp_path / device, files["finetuned"], emb_path,
+                                        (json_path, image_dir), extra + ["MODEL.DEVICE", device])
+        results.append([(torch.tensor([[x, y, x + w, y + h] for x, y, w, h in
+                                       (d["bbox"] for d in detections if d["image_id"] == i)]
+                                      ).reshape(-1, 4),
+                         torch.tensor([d["score"] for d in detections if d["image_id"] == i]),
+                         torch.tensor([d["category_id"] for d in detections
+                                       if d["image_id"] == i])) for i in (1, 2, 3)])
+    matched, total = matched_fraction(*results, score_tol=1e-4)
+    assert total > 10 and matched >= 0.99 * total
+
+
 # ------------------------------------------------------------------ vocabulary invariances
 
 
