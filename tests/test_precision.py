@@ -14,7 +14,7 @@ from test_detector import TINY_CONFIG, _image, _rpn_model
 
 from regionclip.config import load_config
 from regionclip.modeling.build import build_model
-from regionclip.modeling.precision import FoldedAttentionPool, fast_convnet, fast_trunk, tf32_mode
+from regionclip.modeling.precision import FoldedAttentionPool, fast_trunk, tf32_mode
 
 FUSED = ("MODEL.CLIP.MULTIPLY_RPN_SCORE", "True")
 
@@ -39,17 +39,19 @@ def test_folded_attention_pool_equals_open_clip():
 
 
 @torch.no_grad()
-def test_folding_frozen_bn_keeps_trunk_and_rpn_outputs(tmp_path):
+def test_the_fast_trunk_computes_the_same_function(tmp_path):
     model = _rpn_model(tmp_path).double()
     x = torch.randn(1, 3, 64, 96, generator=_gen(2), dtype=torch.float64)
     fast = fast_trunk(model.backbone)
     torch.testing.assert_close(fast(x)["res4"], model.backbone(x)["res4"], rtol=1e-10,
                                atol=1e-10)
     assert fast(x)["res4"].is_contiguous(memory_format=torch.channels_last)
-    rpn, fast_rpn = model.offline_backbone, fast_convnet(model.offline_backbone)
-    assert not any(hasattr(m, "running_var") for m in fast_rpn.modules())
-    for name, feature in rpn(x).items():
-        torch.testing.assert_close(fast_rpn(x)[name], feature, rtol=1e-10, atol=1e-10)
+    assert not any(hasattr(m, "running_var") for m in fast.modules())
+    boxes = [torch.tensor([[0.0, 0.0, 60.0, 50.0], [20.0, 10.0, 90.0, 60.0]], dtype=x.dtype)]
+    res4, size = model.backbone(x)["res4"], model.roi_heads.pooler_resolution
+    torch.testing.assert_close(fast.embed_regions(res4, boxes, size),
+                               model.backbone.embed_regions(res4, boxes, size),
+                               rtol=1e-10, atol=1e-10)
 
 
 @torch.no_grad()

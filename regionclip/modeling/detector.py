@@ -12,14 +12,7 @@ from torch import nn
 
 from ..structures import Boxes, ImageList, Instances
 from .clip_resnet import CLIPResNet
-from .precision import (
-    FastCopies,
-    check_precision,
-    fast_convnet,
-    fast_trunk,
-    tf32_mode,
-    trunk_autocast,
-)
+from .precision import FastCopies, check_precision, fast_trunk, tf32_mode, trunk_autocast
 from .region_head import RegionHead, paste_masks
 from .rpn import OfflineRPNInput, offline_proposals
 
@@ -125,11 +118,9 @@ class CLIPFastRCNN(nn.Module):
             return [boxes_as_proposals(_gt_boxes(x), x["image"].shape[-2:], self.device)
                     for x in batched_inputs]
         raw = [x["image"].to(self.device) for x in batched_inputs]
-        backbone = self.offline_backbone
-        if not self.training and self.precision != "fp32":
-            backbone = self._fast.get(backbone, fast_convnet)
-        return offline_proposals(backbone, self.offline_proposal_generator, self.offline_input,
-                                 raw)
+        return offline_proposals(
+            self.offline_backbone, self.offline_proposal_generator, self.offline_input, raw
+        )
 
     def inference(self, batched_inputs: List[Dict], boxes: Optional[List[torch.Tensor]] = None,
                   keep_embeddings: bool = False) -> List[Dict]:
@@ -139,17 +130,22 @@ class CLIPFastRCNN(nn.Module):
         proposal source; like ground-truth boxes they are kept as given (no regression, no
         objectness fusion). ``keep_embeddings`` adds each detection's unnormalised region
         embedding as ``region_embeddings``.
-        """
-        with tf32_mode(self.precision in ("tf32", "bf16")):
-            return self._inference(batched_inputs, boxes, keep_embeddings)
 
-    def _inference(self, batched_inputs, boxes, keep_embeddings):
+        Proposals are exact on every precision: the RPN's top-k and NMS would turn rounding
+        differences into other boxes.
+        """
         given = boxes is not None or self.proposal_source == "GT"
         if boxes is None:
-            proposals = self.get_proposals(batched_inputs)
+            with tf32_mode(False):
+                proposals = self.get_proposals(batched_inputs)
         else:
             proposals = [boxes_as_proposals(b, x["image"].shape[-2:], self.device)
                          for b, x in zip(boxes, batched_inputs)]
+        with tf32_mode(self.precision in ("tf32", "bf16")):
+            return self._detect(batched_inputs, proposals, given, keep_embeddings)
+
+    def _detect(self, batched_inputs, proposals: List[Instances], given: bool,
+                keep_embeddings: bool) -> List[Dict]:
         res4 = self.res4(batched_inputs)
         # Regions that cannot yield a detection are not embedded (see RegionHead.scorable).
         scorable = self.roi_heads.scorable(proposals, given)
