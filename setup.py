@@ -19,7 +19,9 @@ setup(
         "open_clip_torch>=2.20,<4",
         "ftfy",
         "regex",
-        "opencv-python-headless",
+        # lvis requires opencv-python; asking for the headless build as well would install two
+        # packages writing the same cv2 folder.
+        "opencv-python",
         "tqdm",
         "tensorboard",
         "pillow",

@@ -89,6 +89,7 @@ class Detector:
                         score_threshold: Optional[float] = None,
                         nms_threshold: Optional[float] = None,
                         max_detections: Optional[int] = None,
+                        precision: Optional[str] = None,
                         cache_dir: Optional[str] = None, overrides: Sequence = (),
                         progress: bool = True):
         """Load a checkpoint with the official config, RPN and thresholds it was made for.
@@ -104,6 +105,8 @@ class Detector:
             text_weights: a file holding the text tower (fine-tuned detectors have none; the
                 pretrained RegionCLIP or OpenAI CLIP file of the same variant).
             score_threshold, nms_threshold, max_detections: replace the config's values.
+            precision: "fp32" (default, exact), or a fast path: "fp32-fast", "tf32", "bf16"
+                (``MODEL.PRECISION``; same detections up to rounding, see README).
             cache_dir: class-embedding cache ($REGIONCLIP_CACHE or ~/.cache/regionclip);
                 "" disables it.
             overrides: extra ``KEY VALUE`` config overrides.
@@ -115,7 +118,8 @@ class Detector:
             spec = resolve_spec(weights, rpn_weights, variant, config, rpn_config, text_weights,
                                 overrides)
             _log_spec(spec, device)
-            cfg = spec_config(spec, device, score_threshold, nms_threshold, max_detections)
+            cfg = spec_config(spec, device, score_threshold, nms_threshold, max_detections,
+                              precision)
             model = load_model(spec, cfg, step)
         encoder = None
         if spec.text_weights:

@@ -30,6 +30,10 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rpn-config", help="YAML config of the offline RPN")
     group.add_argument("--text-weights", help="file with the text tower, for fine-tuned weights")
     group.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: a GPU if present)")
+    # A literal: importing regionclip.modeling.precision would load torch before --help.
+    group.add_argument("--precision", choices=("fp32", "fp32-fast", "tf32", "bf16"),
+                       help="fp32 (default, exact) or a fast path with the same detections up to "
+                       "rounding (see README)")
     group.add_argument("--quiet", action="store_true",
                        help="no progress bars; log warnings and errors only")
 

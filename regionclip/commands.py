@@ -123,7 +123,8 @@ def load_detector(args) -> Detector:
     return Detector.from_pretrained(
         args.weights, args.rpn_weights, args.variant, args.device, config=args.config,
         rpn_config=args.rpn_config, text_weights=args.text_weights,
-        score_threshold=getattr(args, "score_threshold", None), progress=not args.quiet)
+        score_threshold=getattr(args, "score_threshold", None), precision=args.precision,
+        progress=not args.quiet)
 
 
 def coco_document(paths: Sequence[str], names: Sequence[str], results) -> dict:

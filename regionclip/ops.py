@@ -17,8 +17,8 @@ except (ImportError, RuntimeError) as e:  # pragma: no cover - depends on the in
     raise ImportError(
         f"torchvision's compiled ops failed to load ({e}). torch {torch.__version__} and the "
         "installed torchvision do not match. Reinstall both together from the package "
-        "registry: `pip install --force-reinstall torch torchvision` (do not pin torch to a "
-        "local wheel)."
+        "registry: `pip install --force-reinstall torch torchvision` (CPU-only machines: add "
+        "`--index-url https://download.pytorch.org/whl/cpu`; do not pin torch to a local wheel)."
     ) from e
 
 __all__ = ["FrozenBatchNorm2d", "batched_nms", "box_iou", "nms", "roi_align", "torchvision"]

@@ -43,7 +43,8 @@ def _full(shape, gen, scale):
     return torch.randn(shape, generator=gen) * scale
 
 
-def _tensor(key: str, shape: Tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+def _tensor(key: str, shape: Tuple[int, ...], gen: torch.Generator,
+            full: bool = False) -> torch.Tensor:
     leaf = key.rsplit(".", 1)[-1]
     if leaf == "running_var":
         return torch.rand(shape, generator=gen) + 0.5
@@ -54,7 +55,7 @@ def _tensor(key: str, shape: Tuple[int, ...], gen: torch.Generator) -> torch.Ten
             return torch.rand(shape, generator=gen) + 0.5
         return _full(shape, gen, 0.1)
     fan_in = math.prod(shape[1:])
-    if math.prod(shape) <= _MAX_FULL or key.endswith(_ALWAYS_FULL):
+    if full or math.prod(shape) <= _MAX_FULL or key.endswith(_ALWAYS_FULL):
         return _full(shape, gen, fan_in ** -0.5)
     if shape[0] > 8 * fan_in:  # token embeddings: one distinct scalar per token
         return _full((shape[0],) + (1,) * (len(shape) - 1), gen, 1.0).expand(shape)
@@ -63,10 +64,15 @@ def _tensor(key: str, shape: Tuple[int, ...], gen: torch.Generator) -> torch.Ten
     return _full((1,) + tuple(shape[1:]), gen, fan_in ** -0.5).expand(shape)
 
 
-def sane_state_dict(shapes: Dict[str, Tuple[int, ...]], seed: int = 0) -> Dict[str, torch.Tensor]:
-    """Random tensors of ``shapes`` that keep a CLIP/R50 forward pass finite (see module doc)."""
+def sane_state_dict(shapes: Dict[str, Tuple[int, ...]], seed: int = 0,
+                    full: bool = False) -> Dict[str, torch.Tensor]:
+    """Random tensors of ``shapes`` that keep a CLIP/R50 forward pass finite (see module doc).
+
+    ``full``: every tensor drawn in full, so channels differ and features vary from region to
+    region (for benchmarks; the files get as large as the real ones).
+    """
     gen = torch.Generator().manual_seed(seed)
-    return {key: _tensor(key, tuple(shape), gen) for key, shape in shapes.items()}
+    return {key: _tensor(key, tuple(shape), gen, full) for key, shape in shapes.items()}
 
 
 def module_state_shapes(module: torch.nn.Module, prefix: str) -> Dict[str, Tuple[int, ...]]:

@@ -107,6 +107,31 @@ def test_detections_equal_train_net_eval_only(files, tmp_path, regions):
         assert mine["score"] == pytest.approx(theirs["score"], rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_train_net_eval_only_agrees_with_cpu(files, tmp_path):
+    from _agreement import matched_fraction
+
+    json_path, image_dir = make_coco_dataset(tmp_path / "data", num_images=3, image_size=(60, 80))
+    emb_path = str(tmp_path / "emb.pth")
+    save_embeddings(ClassNameEncoder(files["pretrained"], TINY, cache_dir="")(CLASSES), emb_path)
+    extra = ["MODEL.CLIP.CROP_REGION_TYPE", "RPN", "MODEL.CLIP.OFFLINE_RPN_CONFIG",
+             TINY_RPN_CONFIG, *FUSED, "TEST.IMS_PER_BATCH", "2"]
+    results = []
+    for device in ("cpu", "cuda"):
+        (tmp_path / device).mkdir()
+        detections = _train_net_results(tmp_path / device, files["finetuned"], emb_path,
+                                        (json_path, image_dir), extra + ["MODEL.DEVICE", device])
+        results.append([(torch.tensor([[x, y, x + w, y + h] for x, y, w, h in
+                                       (d["bbox"] for d in detections if d["image_id"] == i)]
+                                      ).reshape(-1, 4),
+                         torch.tensor([d["score"] for d in detections if d["image_id"] == i]),
+                         torch.tensor([d["category_id"] for d in detections
+                                       if d["image_id"] == i])) for i in (1, 2, 3)])
+    matched, total = matched_fraction(*results, score_tol=1e-4)
+    assert total > 10 and matched >= 0.99 * total
+
+
 # ------------------------------------------------------------------ vocabulary invariances
 
 
@@ -345,7 +370,9 @@ def test_inspect_checkpoint_reads_the_official_layouts(tmp_path, variant, rpn):
 def test_official_file_names_bring_their_settings(files, tmp_path):
     path = tmp_path / "regionclip_finetuned-coco_rn50.pth"
     path.write_bytes(open(files["finetuned"], "rb").read())
-    detector = tiny_detector(str(path), tmp_path, score_threshold=0.2, max_detections=7)
+    detector = tiny_detector(str(path), tmp_path, score_threshold=0.2, max_detections=7,
+                             precision="fp32-fast")
+    assert detector.model.precision == "fp32-fast"
     settings = detector.model.roi_heads.inference_settings
     assert not settings.soft_nms  # with a config of one's own, the official additions go
     assert (settings.score_thresh, settings.detections_per_image) == (0.2, 7)

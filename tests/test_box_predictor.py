@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from regionclip.modeling.box_predictor import (
     InferenceSettings,
     TextEmbeddingPredictor,
-    detect_single_image,
+    detect_images,
+    fusion_can_pass,
     predict_boxes,
     predict_probs,
 )
@@ -84,7 +85,8 @@ def _cosine(x, embeddings):
 
 def _detect(boxes, scores, unfused=None, **settings):
     unfused = scores if unfused is None else unfused
-    return detect_single_image(boxes, scores, unfused, IMAGE_SIZE, InferenceSettings(**settings))
+    return detect_images([boxes], [scores], [unfused], [IMAGE_SIZE],
+                         InferenceSettings(**settings))[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,11 +248,11 @@ def test_predict_boxes_applies_deltas_unless_told_not_to():
 
 
 # --------------------------------------------------------------------------------------------
-# detect_single_image
+# detect_images
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("topk", [7, 1000])
-def test_detect_single_image_matches_per_class_reference(seed, topk):
+def test_detect_images_matches_per_class_reference(seed, topk):
     boxes, scores = _random_detection_inputs(seed)
     result, index = _detect(boxes, scores, score_thresh=0.05, nms_thresh=0.5,
                             detections_per_image=topk)
@@ -322,3 +324,51 @@ def test_scores_at_or_below_threshold_give_no_detections(soft_nms):
     scores[0, 0] = 0.3  # the threshold is strict: equal does not pass
     result, index = _detect(boxes, scores, score_thresh=0.3, soft_nms=soft_nms)
     assert len(result) == 0 and len(index) == 0
+
+
+@pytest.mark.parametrize("soft_nms", [False, True])
+def test_a_batch_of_images_equals_each_image_alone(soft_nms):
+    # Different sizes (clipping per image), top-k cutting, overlapping boxes across images
+    # that must not suppress each other, and an image with nothing above the threshold.
+    sizes = [(60, 80), (40, 100), (70, 50)]
+    inputs = [_random_detection_inputs(seed) for seed in (4, 5)]
+    inputs.append((inputs[0][0][:5], torch.full((5, 5), 0.01)))
+    settings = InferenceSettings(score_thresh=0.05, nms_thresh=0.5, detections_per_image=9,
+                                 soft_nms=soft_nms, soft_nms_prune=0.1)
+    batch = detect_images([b for b, _ in inputs], [s for _, s in inputs],
+                          [s for _, s in inputs], sizes, settings)
+    for (boxes, scores), size, (result, index) in zip(inputs, sizes, batch):
+        alone, alone_index = detect_images([boxes], [scores], [scores], [size], settings)[0]
+        assert result.image_size == size
+        assert torch.equal(index, alone_index) and torch.equal(result.scores, alone.scores)
+        assert torch.equal(result.pred_classes, alone.pred_classes)
+        assert torch.equal(result.pred_boxes.tensor, alone.pred_boxes.tensor)
+    assert [len(r) for r, _ in batch] == [9, 9, 0]
+
+
+def test_soft_nms_first_pick_is_per_image_in_a_batch():
+    # Image 1's only box scores below the prune level: it survives as that image's first
+    # pick, as it would alone, although image 0 holds the batch's top box.
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0]])
+    scores = [torch.tensor([[0.9, 0.1]]), torch.tensor([[0.0005, 0.9995]])]
+    settings = InferenceSettings(score_thresh=0.0001, soft_nms=True, soft_nms_prune=0.001)
+    batch = detect_images([boxes[:1], boxes[1:]], scores, scores, [IMAGE_SIZE] * 2, settings)
+    assert [r.scores.tolist() for r, _ in batch] == [[pytest.approx(0.9)],
+                                                     [pytest.approx(0.0005)]]
+
+
+def test_proposals_fusion_cannot_lift_over_the_threshold_are_found():
+    # sqrt(p * logit) <= sqrt(logit): a proposal with logit <= thresh^2 never passes, for any
+    # probability, including p = 1 exactly; one just above the bound can.
+    thresh = 0.05
+    gen = _gen(0)
+    logits = torch.cat([torch.rand(4000, generator=gen) * 2 * thresh**2,
+                        torch.tensor([-1.0, 0.0, float("nan"), thresh**2, 1.0])])
+    can_pass = fusion_can_pass(logits, thresh)
+    probs = torch.cat([F.softmax(torch.randn(len(logits), 6, generator=gen) * 30, dim=1),
+                       torch.ones(len(logits), 1)], dim=1)
+    fused = (probs * logits[:, None]) ** 0.5
+    assert not (fused[~can_pass] > thresh).any()
+    assert (fused[can_pass] > thresh).any(dim=1).float().mean() > 0.99
+    assert can_pass[-1] and not can_pass[-5:-2].any()
+    assert fusion_can_pass(torch.tensor([0.0, -1.0]), -0.5).all()  # every score passes

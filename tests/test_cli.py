@@ -228,3 +228,42 @@ def test_detect_ids_are_train_nets_custom_image_ids(weights, tmp_path):
     records = get_dataset_dicts("lvis_v1_val_custom_img", input_dir=str(tmp_path / "images"))
     assert detect_ids == {r["file_name"]: r["image_id"] for r in records}
     assert sorted(detect_ids.values()) == list(range(1, len(paths) + 1))
+
+
+def test_precision_flag_reaches_the_detector(monkeypatch):
+    from regionclip import cli, commands
+
+    seen = {}
+    monkeypatch.setattr(commands.Detector, "from_pretrained", lambda *a, **k: seen.update(k))
+    args = cli.build_parser().parse_args(["detect", "x.jpg", "--classes", "cat", "--out", "o",
+                                          "--weights", "w.pth", "--precision", "bf16"])
+    commands.load_detector(args)
+    assert seen["precision"] == "bf16"
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["embed", "x.jpg", "--boxes", "0,0,1,1", "--out", "o",
+                                       "--weights", "w.pth", "--precision", "fp16"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_gpu_detect_agrees_with_cpu(weights, tmp_path, precision):
+    from _agreement import matched_fraction
+
+    paths = sorted(write_mixed_images(tmp_path / "images").values())
+    documents = []
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"{device}.json"
+        args = detect_args(weights, paths, out, "--precision", precision, "--batch-size", "2")
+        args[args.index("--device") + 1] = device
+        assert main(args) == 0
+        documents.append(json.loads(out.read_text())["annotations"])
+
+    def per_image(annotations):
+        rows = [[a for a in annotations if a["image_id"] == i + 1] for i in range(len(paths))]
+        return [(torch.tensor([[x, y, x + w, y + h] for x, y, w, h in
+                               (a["bbox"] for a in r)]).reshape(-1, 4),
+                 torch.tensor([a["score"] for a in r]),
+                 torch.tensor([a["category_id"] for a in r])) for r in rows]
+    tolerance = 1e-4 if precision == "fp32" else 0.02
+    matched, total = matched_fraction(*map(per_image, documents), score_tol=tolerance)
+    assert total > 10 and matched >= 0.99 * total

@@ -237,6 +237,42 @@ def test_rpn_score_fusion_drops_negative_logits_and_may_exceed_one(tmp_path, mon
     assert (out.scores > 1).any()
 
 
+@torch.no_grad()
+def test_regions_whose_fused_score_cannot_pass_are_not_embedded(tmp_path, monkeypatch):
+    # Objectness logits on both sides of score_thresh^2 = 0.0025, NaN and negative ones: the
+    # detections, their indices and embeddings equal those of embedding every proposal (up to
+    # float rounding: a smaller batch of regions may take other GEMM kernels).
+    model = _rpn_model(tmp_path, "MODEL.CLIP.MULTIPLY_RPN_SCORE", "True",
+                       "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.05")
+    image = _image(64, 96, seed=0)
+    proposals = model.get_proposals([{"image": image}])
+    n = len(proposals[0])
+    logits = torch.tensor([0.3, 0.002, -1.0, 0.0026, float("nan"), 0.05])[torch.arange(n) % 6]
+    proposals[0].objectness_logits = logits
+    monkeypatch.setattr(model, "get_proposals", lambda batched_inputs: proposals)
+    embedded = []
+    monkeypatch.setattr(model.backbone, "embed_regions", _recording(
+        model.backbone.embed_regions, embedded))
+    skipping = model.inference([{"image": image}], keep_embeddings=True)[0]["instances"]
+    monkeypatch.setattr(model.roi_heads, "scorable", lambda proposals, given: [
+        torch.arange(len(p)) for p in proposals])
+    everything = model.inference([{"image": image}], keep_embeddings=True)[0]["instances"]
+    assert embedded[0] == sum(1 for i in range(n) if i % 6 in (0, 3, 5))  # 0.3, 0.0026, 0.05
+    assert embedded[1] == n and len(everything) > 3
+    assert torch.equal(skipping.proposal_index, everything.proposal_index)
+    assert torch.equal(skipping.pred_classes, everything.pred_classes)
+    assert torch.equal(skipping.pred_boxes.tensor, everything.pred_boxes.tensor)
+    torch.testing.assert_close(skipping.region_embeddings, everything.region_embeddings)
+    torch.testing.assert_close(skipping.scores, everything.scores, rtol=1e-5, atol=1e-6)
+
+
+def _recording(embed_regions, counts):
+    def record(res4, boxes, resolution):
+        counts.append(sum(len(b) for b in boxes))
+        return embed_regions(res4, boxes, resolution)
+    return record
+
+
 # --------------------------------------------------------------------------------------------
 # build_model checks and the mask head
 # --------------------------------------------------------------------------------------------

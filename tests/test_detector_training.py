@@ -183,3 +183,22 @@ def test_detector_trained_from_random_init_detects_held_out_shapes():
 @pytest.mark.slow
 def test_detector_trained_on_a_wrong_label_map_stays_below_the_threshold():
     assert _trained_detector_ap50(label_shift=1) < MIN_AP50
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_training_step_agrees_with_cpu():
+    # Ground-truth proposals, fewer than the RoI batch: sampling keeps them all on both devices.
+    torch.manual_seed(0)
+    model = build_model(_cfg()).train()
+    inputs = [_input(0), _input(1)]
+    losses = {}
+    for device in ("cpu", "cuda"):
+        model = model.to(device)
+        model.zero_grad()
+        step = model(inputs)
+        sum(step.values()).backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+        losses[device] = {k: v.item() for k, v in step.items()}
+    for name, value in losses["cpu"].items():  # cuDNN may train in TF32
+        assert losses["cuda"][name] == pytest.approx(value, rel=2e-2, abs=1e-4), name

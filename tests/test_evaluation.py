@@ -289,3 +289,32 @@ def test_build_evaluator_from_catalog(tmp_path, monkeypatch, coco_set):
     ovd_json.write_text(open(json_path).read())
     ovd = build_evaluator("coco_2017_ovd_all_test", str(tmp_path / "out"))
     assert ovd.novel_dataset_ids == {17, 18} and ovd.base_dataset_ids == {1, 3}
+
+
+@pytest.mark.parametrize("batch_size", [2, 4])
+def test_batched_inference_loader_equals_one_image_per_batch(coco_set, batch_size):
+    # TEST.IMS_PER_BATCH: batches in dataset order; the evaluation sees every image once.
+    from _engine_utils import GroundTruthDetector
+
+    from regionclip.data.loader import build_test_loader
+    from regionclip.data.mapper import InferenceMapper
+    from regionclip.evaluation.inference import inference_on_dataset
+
+    json_path, image_dir = coco_set
+    records = catalog.get_dataset_dicts(f"coco_json:{json_path}:{image_dir}")
+    mapper = InferenceMapper(min_size=0, keep_annotations=True)
+    sizes = []
+
+    class Recording(GroundTruthDetector):
+        def forward(self, inputs):
+            sizes.append(len(inputs))
+            return super().forward(inputs)
+
+    one = inference_on_dataset(GroundTruthDetector(), build_test_loader(records, mapper),
+                               COCOEvaluator(json_path))
+    batched = inference_on_dataset(Recording(), build_test_loader(
+        records, mapper, batch_size=batch_size), COCOEvaluator(json_path))
+    assert batched == one and 0 < one["bbox"]["AP"] < 100
+    assert sizes == [batch_size] * (6 // batch_size) + [6 % batch_size] * (6 % batch_size > 0)
+    with pytest.raises(ValueError, match="TEST.IMS_PER_BATCH"):
+        build_test_loader(records, mapper, batch_size=0)

@@ -26,6 +26,10 @@ _C.MODEL.PIXEL_MEAN = [103.530, 116.280, 123.675]
 _C.MODEL.PIXEL_STD = [1.0, 1.0, 1.0]  # MSRA ResNets fold the std into conv1
 _C.MODEL.MASK_ON = False  # build the mask head
 _C.MODEL.LOAD_PROPOSALS = False  # read precomputed proposals instead of running an RPN
+# Inference precision of CLIPFastRCNN (training is always fp32 / SOLVER.AMP). "fp32": exact, TF32
+# off. Opt-in fast paths, same detections up to rounding: "fp32-fast" (BN folded into convs,
+# channels-last, folded attention pool), "tf32" (+ TF32 on GPUs), "bf16" (+ bfloat16 trunk).
+_C.MODEL.PRECISION = "fp32"
 
 _C.MODEL.BACKBONE = CfgNode()
 # build_resnet_backbone (C4), build_resnet_fpn_backbone or build_clip_resnet_backbone (CLIP trunk).
@@ -251,6 +255,9 @@ _C.TEST = CfgNode()
 _C.TEST.EXPECTED_RESULTS = []  # [[task, metric, value, tolerance], ...] checked after evaluation
 _C.TEST.EVAL_PERIOD = 0  # iterations between evaluations during training; 0 = only at the end
 _C.TEST.DETECTIONS_PER_IMAGE = 100  # 300 for LVIS
+# Images per inference batch in each process (detectron2 has no such key and always uses 1).
+# Above 1 images are padded to a common size, which changes features near padded borders.
+_C.TEST.IMS_PER_BATCH = 1
 _C.TEST.AUG = CfgNode()
 _C.TEST.AUG.ENABLED = False  # test-time augmentation
 _C.TEST.AUG.MIN_SIZES = (400, 500, 600, 700, 800, 900, 1000, 1100, 1200)

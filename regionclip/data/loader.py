@@ -117,12 +117,15 @@ def _log_capped(requested: int, cores: int) -> None:
                 requested, cores, cores)
 
 
-def build_test_loader(records: Sequence[dict], mapper: Callable, num_workers: int = 0):
-    """One image per batch (images differ in size), this process's shard only."""
+def build_test_loader(records: Sequence[dict], mapper: Callable, num_workers: int = 0,
+                      batch_size: int = 1):
+    """Batches of ``batch_size`` images in dataset order, this process's shard only."""
+    if batch_size < 1:
+        raise ValueError(f"TEST.IMS_PER_BATCH must be at least 1, got {batch_size}")
     dataset = MappedDataset(records, mapper)
     return DataLoader(
         dataset,
-        batch_size=1,
+        batch_size=batch_size,
         sampler=InferenceSampler(len(dataset)),
         num_workers=cap_workers(num_workers),
         collate_fn=_as_list,

@@ -187,7 +187,8 @@ def test(cfg, model) -> dict:
             model.set_test_classifier(test_classifier(cfg, index))
         check_vocabulary(model, name)
         records = get_dataset_dicts(name, input_dir=cfg.INPUT_DIR)
-        loader = build_test_loader(records, mapper, cfg.DATALOADER.NUM_WORKERS)
+        loader = build_test_loader(records, mapper, cfg.DATALOADER.NUM_WORKERS,
+                                   cfg.TEST.IMS_PER_BATCH)
         evaluator = (ProposalRecallEvaluator(output_dir) if proposals_only
                      else build_evaluator(name, output_dir))
         results[name] = inference_on_dataset(model, loader, evaluator)

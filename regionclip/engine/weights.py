@@ -160,7 +160,8 @@ def resolve_spec(weights: str, rpn_weights: Optional[str] = None, variant: Optio
 
 
 def spec_config(spec: ModelSpec, device: str, score_threshold: Optional[float] = None,
-                nms_threshold: Optional[float] = None, max_detections: Optional[int] = None):
+                nms_threshold: Optional[float] = None, max_detections: Optional[int] = None,
+                precision: Optional[str] = None):
     """The config of ``spec``: its YAML, then the derived choices, then the user's values."""
     opts = ["MODEL.CLIP.VARIANT", spec.variant, "MODEL.DEVICE", device,
             "MODEL.WEIGHTS", spec.weights, "MODEL.CLIP.BB_RPN_WEIGHTS", spec.rpn_weights,
@@ -174,7 +175,8 @@ def spec_config(spec: ModelSpec, device: str, score_threshold: Optional[float] =
     opts += list(spec.overrides)
     for key, value in (("MODEL.ROI_HEADS.SCORE_THRESH_TEST", score_threshold),
                        ("MODEL.ROI_HEADS.NMS_THRESH_TEST", nms_threshold),
-                       ("TEST.DETECTIONS_PER_IMAGE", max_detections)):
+                       ("TEST.DETECTIONS_PER_IMAGE", max_detections),
+                       ("MODEL.PRECISION", precision)):
         if value is not None:
             opts += [key, value]
     return load_config(spec.config, [str(v) for v in opts])

@@ -25,15 +25,18 @@ def inference_on_dataset(model, data_loader, evaluator, log_period_s: float = 10
     and at the end; with several processes each counts its own shard, and the predictions of
     all shards are gathered and evaluated on the main process (the others return ``{}``).
     """
-    total = len(data_loader)
-    logger.info("Start inference on %d batches (%d processes)", total, get_world_size())
+    total = (len(data_loader.sampler) if hasattr(data_loader, "sampler")
+             else sum(len(batch) for batch in data_loader))
+    logger.info("Start inference on %d images (%d processes)", total, get_world_size())
     was_training = model.training
     model.eval()
     evaluator.reset()
     start = last_log = time.perf_counter()
+    done = 0
     try:
-        for done, inputs in enumerate(data_loader, 1):
+        for inputs in data_loader:
             evaluator.process(inputs, model(inputs))
+            done += len(inputs)
             if time.perf_counter() - last_log > log_period_s or done == total:
                 _log_progress(done, total, start)
                 last_log = time.perf_counter()

@@ -151,47 +151,87 @@ def predict_boxes(deltas, proposals: List[Instances], settings: InferenceSetting
     return decoded.split([len(b) for b in boxes])
 
 
-def detect_single_image(
-    boxes: torch.Tensor,
-    scores: torch.Tensor,
-    unfused_scores: torch.Tensor,
-    image_size: Tuple[int, int],
-    settings: InferenceSettings,
-) -> Tuple[Instances, torch.Tensor]:
-    """Threshold, per-class NMS (or soft-NMS) and top-k for one image.
+def fusion_can_pass(objectness: torch.Tensor, score_thresh: float) -> torch.Tensor:
+    """[R] bool: the proposals whose RPN-fused score ``sqrt(p * logit)`` can pass the threshold.
 
-    boxes: [R, 4] class-agnostic; scores, unfused_scores: [R, C+1] (background last).
-    Returns the detections and, for each, the index of the proposal it came from.
+    Since every class probability p is at most 1, a proposal scores at most sqrt(logit) in any
+    class: one whose logit is at or below ``score_thresh ** 2`` (or NaN) never yields a
+    detection, so its region need not be embedded. The bound keeps a relative margin of 1e-4
+    for the float32 rounding of softmax, product and square root (each a few 1e-7), so no
+    proposal that could pass is ever dropped.
     """
+    if score_thresh < 0:
+        return objectness == objectness  # every finite score passes; NaN rows are dropped
+    return objectness > score_thresh ** 2 * (1 - 1e-4)
+
+
+def detect_images(
+    boxes: List[torch.Tensor],
+    scores: List[torch.Tensor],
+    unfused_scores: List[torch.Tensor],
+    image_sizes: List[Tuple[int, int]],
+    settings: InferenceSettings,
+) -> List[Tuple[Instances, torch.Tensor]]:
+    """Threshold, per-class NMS (or soft-NMS) and top-k for a batch of images in one pass.
+
+    Per image: boxes [R_i, 4] class-agnostic; scores, unfused_scores [R_i, C+1] (background
+    last). One NMS call covers every (image, class) group, so the batch costs one
+    device-to-host sync, not one per image or class. Returns per image the detections and,
+    for each, the index of the proposal it came from.
+    """
+    counts = torch.tensor([len(b) for b in boxes])
+    device = boxes[0].device if boxes else torch.device("cpu")
+    image = torch.repeat_interleave(torch.arange(len(boxes)), counts).to(device)
+    boxes, scores = torch.cat(boxes), torch.cat(scores)[:, :-1]
     valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores).all(dim=1)
-    proposal_index = valid.nonzero().squeeze(1)
-    boxes = Boxes(boxes[valid])
-    boxes.clip(image_size)
-    scores, unfused_scores = scores[valid, :-1], unfused_scores[valid, :-1]
+    boxes = _clip_per_image(boxes, image, image_sizes)
 
-    candidates = (scores > settings.score_thresh).nonzero()
-    rows, classes = candidates.unbind(1)
-    cand_boxes, cand_scores = boxes.tensor[rows], scores[rows, classes]
+    rows, classes = ((scores > settings.score_thresh) & valid[:, None]).nonzero().unbind(1)
+    groups = image[rows] * scores.shape[1] + classes
+    cand_boxes, cand_scores = boxes[rows], scores[rows, classes]
     if settings.soft_nms:
-        keep, cand_scores = batched_soft_nms(
-            cand_boxes, cand_scores, classes, settings.soft_nms_method,
-            settings.soft_nms_sigma, settings.nms_thresh, settings.soft_nms_prune,
-        )
-        reported = cand_scores
+        keep, reported = batched_soft_nms(
+            cand_boxes, cand_scores, groups, settings.soft_nms_method, settings.soft_nms_sigma,
+            settings.nms_thresh, settings.soft_nms_prune, images=image[rows])
     else:
-        keep = batched_nms(cand_boxes, cand_scores, classes, settings.nms_thresh)
+        keep = batched_nms(cand_boxes, cand_scores, groups, settings.nms_thresh)
         reported = cand_scores[keep]
-    if settings.detections_per_image >= 0:  # negative keeps all, as detectron2
-        keep = keep[: settings.detections_per_image]
-        reported = reported[: settings.detections_per_image]
-    if settings.report_unfused_scores and not settings.soft_nms:
-        reported = unfused_scores[rows[keep], classes[keep]]
+        if settings.report_unfused_scores:
+            reported = torch.cat(unfused_scores)[rows[keep], classes[keep]]
+    keep, reported, per_image = _top_k_per_image(keep, reported, image[rows], len(image_sizes),
+                                                 settings.detections_per_image)
+    results = []
+    first_rows = (torch.cumsum(counts, 0) - counts).tolist()
+    for size, first, k, r in zip(image_sizes, first_rows, keep.split(per_image),
+                                 reported.split(per_image)):
+        result = Instances(size, pred_boxes=Boxes(cand_boxes[k]), scores=r,
+                           pred_classes=classes[k])
+        results.append((result, rows[k] - first))
+    return results
 
-    result = Instances(image_size)
-    result.pred_boxes = Boxes(cand_boxes[keep])
-    result.scores = reported
-    result.pred_classes = classes[keep]
-    return result, proposal_index[rows[keep]]
+
+def _clip_per_image(boxes: torch.Tensor, image: torch.Tensor, image_sizes) -> torch.Tensor:
+    """Boxes clamped to their own image: x to [0, width], y to [0, height] (as `Boxes.clip`)."""
+    sizes = torch.tensor(image_sizes, dtype=boxes.dtype).to(boxes.device)[image]  # [R, (h, w)]
+    upper = sizes.flip(1).repeat(1, 2)  # (w, h, w, h)
+    return torch.minimum(boxes.clamp(min=0), upper)
+
+
+def _top_k_per_image(keep, reported, image, num_images: int, k: int):
+    """The first ``k`` (all when negative) of each image's detections, in score order.
+
+    ``keep`` comes in descending score order over the batch; a stable sort by image keeps
+    that order within each image. Returns (keep, reported, detections per image).
+    """
+    by_image = torch.sort(image[keep], stable=True)[1]
+    keep, reported = keep[by_image], reported[by_image]
+    counts = torch.bincount(image[keep], minlength=num_images)
+    if k >= 0:  # negative keeps all, as detectron2
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(len(keep), device=keep.device) - starts[image[keep]]
+        keep, reported = keep[rank < k], reported[rank < k]
+        counts = counts.clamp(max=k)
+    return keep, reported, counts.tolist()
 
 
 METHODS = ("gaussian", "linear", "hard")
@@ -205,6 +245,7 @@ def batched_soft_nms(
     sigma: float = 0.5,
     iou_threshold: float = 0.3,
     prune: float = 0.001,
+    images: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Soft-NMS applied independently within each class.
 
@@ -213,7 +254,8 @@ def batched_soft_nms(
     Decay: "gaussian" ``s * exp(-iou^2 / sigma)``; "linear" ``s * (1 - iou)`` where
     ``iou > iou_threshold``; "hard" ``0`` where ``iou >= iou_threshold`` (plain NMS).
     As in the original, a box scoring <= prune from the start is only kept when it is the
-    overall top-scoring box (the original's first pick happens before any pruning).
+    overall top-scoring box (the original's first pick happens before any pruning); with
+    ``images``, the top-scoring box of each image, so a batch gives each image's own result.
 
     Args:
         boxes: [N, 4] xyxy.
@@ -223,6 +265,7 @@ def batched_soft_nms(
         sigma: gaussian width.
         iou_threshold: IoU threshold of "linear" and "hard".
         prune: score at or below which a box is discarded.
+        images: [N] image of each box, for a batch of images (classes then never span two).
     Returns:
         keep: [K] int64 indices into ``boxes``, in non-increasing order of rescored score
             (ties: lower index first, the order of the original's greedy loop).
@@ -242,7 +285,7 @@ def batched_soft_nms(
         # A NaN never equals its class maximum, so its class would never finish.
         raise ValueError("batched_soft_nms needs finite scores; filter the others first")
 
-    index = _initial_candidates(scores, idxs, prune)
+    index = _initial_candidates(scores, idxs, prune, images)
     classes = torch.unique(idxs.index_select(0, index), return_inverse=True)[1]
     num_classes = int(classes.max()) + 1
     score = scores.index_select(0, index)
@@ -268,16 +311,21 @@ def batched_soft_nms(
     return _merge_by_score(torch.cat(kept_index), torch.cat(kept_score))
 
 
-def _initial_candidates(scores: torch.Tensor, idxs: torch.Tensor, prune: float) -> torch.Tensor:
+def _initial_candidates(scores: torch.Tensor, idxs: torch.Tensor, prune: float,
+                        images: Optional[torch.Tensor]) -> torch.Tensor:
     """[K] indices of the boxes that can ever be kept, grouped by class, ascending within one.
 
-    The original prunes every box after its first pick, the global maximum; a box at or below
+    The original prunes every box after its first pick, the image's maximum; a box at or below
     ``prune`` can therefore only survive as that first pick. Removing the others up front
     changes nothing else, since a box that is never picked never decays anyone. Grouping by
     class makes the per-class reductions below several times faster on CPU.
     """
     candidate = scores > prune
-    candidate[scores.argmax()] = True
+    if images is None:
+        candidate[scores.argmax()] = True
+    else:
+        firsts = _class_argmax(scores, images, int(images.max()) + 1)
+        candidate[firsts[firsts < len(scores)]] = True
     index = candidate.nonzero().squeeze(1)
     by_class = torch.sort(idxs.index_select(0, index), stable=True)[1]
     return index.index_select(0, by_class)

@@ -140,11 +140,12 @@ def build_clip_fast_rcnn(cfg) -> CLIPFastRCNN:
         pixel_std=std,
         proposal_source=clip.CROP_REGION_TYPE,
         lang_encoder=lang_encoder,
+        precision=cfg.MODEL.PRECISION,
         **offline_rpn_parts(cfg),
         **weak,
     )
-    logger.info("Built CLIPFastRCNN with CLIP %s, %s proposals", variant.name,
-                clip.CROP_REGION_TYPE)
+    logger.info("Built CLIPFastRCNN with CLIP %s, %s proposals, %s inference", variant.name,
+                clip.CROP_REGION_TYPE, cfg.MODEL.PRECISION)
     return model
 
 

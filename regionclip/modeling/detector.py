@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from ..structures import Boxes, ImageList, Instances
+from .clip_resnet import CLIPResNet
+from .precision import FastCopies, check_precision, fast_trunk, tf32_mode, trunk_autocast
 from .region_head import RegionHead, paste_masks
 from .rpn import OfflineRPNInput, offline_proposals
 
@@ -30,8 +32,10 @@ class CLIPFastRCNN(nn.Module):
         offline_proposal_generator: Optional[nn.Module] = None,
         offline_input: Optional[OfflineRPNInput] = None,
         lang_encoder: Optional[nn.Module] = None,
+        precision: str = "fp32",
     ):
-        """pixel_mean / pixel_std: per-channel, 0-255 scale, in the input's channel order."""
+        """pixel_mean / pixel_std: per-channel, 0-255 scale, in the input's channel order.
+        precision: inference precision, one of `precision.PRECISIONS` (training is fp32)."""
         super().__init__()
         if proposal_source not in PROPOSAL_SOURCES:
             raise ValueError(f"Unknown proposal source {proposal_source!r}: {PROPOSAL_SOURCES}")
@@ -44,6 +48,8 @@ class CLIPFastRCNN(nn.Module):
         self.offline_proposal_generator = offline_proposal_generator
         self.offline_input = offline_input
         self.lang_encoder = lang_encoder
+        self.precision = check_precision(precision)
+        self._fast = FastCopies()
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -80,17 +86,29 @@ class CLIPFastRCNN(nn.Module):
                   for x in batched_inputs]
         return ImageList.from_tensors(images)
 
+    def trunk(self) -> CLIPResNet:
+        """The CLIP trunk of this pass: ``backbone`` when training or in fp32, else its fast
+        inference copy (`precision.fast_trunk`)."""
+        if self.training or self.precision == "fp32":
+            return self.backbone
+        return self._fast.get(self.backbone, fast_trunk)
+
     def res4(self, batched_inputs: List[Dict]) -> torch.Tensor:
         """The trunk's stride-16 features of the batch, [N, C4, H/16, W/16]."""
-        return self.backbone(self.preprocess(batched_inputs).tensor)["res4"]
+        with trunk_autocast(self._autocast_precision(), self.device.type):
+            return self.trunk()(self.preprocess(batched_inputs).tensor)["res4"]
 
     def embed_regions(self, batched_inputs: List[Dict], boxes: List[torch.Tensor],
                       res4: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Unnormalised region embeddings [sum R_i, D] of per-image xyxy boxes given in input
-        pixels (``res4``: the batch's features, when already computed)."""
+        """Unnormalised float32 region embeddings [sum R_i, D] of per-image xyxy boxes given
+        in input pixels (``res4``: the batch's features, when already computed)."""
         res4 = self.res4(batched_inputs) if res4 is None else res4
         boxes = [b.to(self.device, torch.float32) for b in boxes]
-        return self.backbone.embed_regions(res4, boxes, self.roi_heads.pooler_resolution)
+        with trunk_autocast(self._autocast_precision(), self.device.type):
+            return self.trunk().embed_regions(res4, boxes, self.roi_heads.pooler_resolution)
+
+    def _autocast_precision(self) -> str:
+        return "fp32" if self.training else self.precision
 
     @torch.no_grad()
     def get_proposals(self, batched_inputs: List[Dict]) -> List[Instances]:
@@ -112,21 +130,35 @@ class CLIPFastRCNN(nn.Module):
         proposal source; like ground-truth boxes they are kept as given (no regression, no
         objectness fusion). ``keep_embeddings`` adds each detection's unnormalised region
         embedding as ``region_embeddings``.
+
+        Proposals are exact on every precision: the RPN's top-k and NMS would turn rounding
+        differences into other boxes.
         """
         given = boxes is not None or self.proposal_source == "GT"
         if boxes is None:
-            proposals = self.get_proposals(batched_inputs)
+            with tf32_mode(False):
+                proposals = self.get_proposals(batched_inputs)
         else:
             proposals = [boxes_as_proposals(b, x["image"].shape[-2:], self.device)
                          for b, x in zip(boxes, batched_inputs)]
+        with tf32_mode(self.precision in ("tf32", "bf16")):
+            return self._detect(batched_inputs, proposals, given, keep_embeddings)
+
+    def _detect(self, batched_inputs, proposals: List[Instances], given: bool,
+                keep_embeddings: bool) -> List[Dict]:
         res4 = self.res4(batched_inputs)
+        # Regions that cannot yield a detection are not embedded (see RegionHead.scorable).
+        scorable = self.roi_heads.scorable(proposals, given)
+        proposals = [p[index] for p, index in zip(proposals, scorable)]
         embeddings = self.embed_regions(
             batched_inputs, [p.proposal_boxes.tensor for p in proposals], res4)
-        results = self.roi_heads.predict(embeddings, proposals, res4, self.backbone, given)
-        if keep_embeddings:
-            for result, image_embeddings in zip(results, embeddings.split(
-                    [len(p) for p in proposals])):
+        results = self.roi_heads.predict(embeddings, proposals, res4.float(), self.trunk(),
+                                         given)
+        for result, image_embeddings, index in zip(
+                results, embeddings.split([len(p) for p in proposals]), scorable):
+            if keep_embeddings:
                 result.region_embeddings = image_embeddings[result.proposal_index]
+            result.proposal_index = index[result.proposal_index]
         return [{"instances": postprocess(r, x.get("height", r.image_size[0]),
                                           x.get("width", r.image_size[1]))}
                 for r, x in zip(results, batched_inputs)]

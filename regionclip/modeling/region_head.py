@@ -23,7 +23,8 @@ from .box_predictor import (
     InferenceSettings,
     LossSettings,
     TextEmbeddingPredictor,
-    detect_single_image,
+    detect_images,
+    fusion_can_pass,
     predict_boxes,
     predict_probs,
     predictor_losses,
@@ -114,20 +115,35 @@ class RegionHead(nn.Module):
         objectness they do not have. Each result also carries ``proposal_index``, the
         proposal a detection came from.
         """
-        settings = self.inference_settings
-        if given_boxes:
-            settings = dataclasses.replace(settings, no_box_delta=True, multiply_rpn_score=False)
+        settings = self._settings(given_boxes)
         logits, deltas = self.box_predictor(embeddings)
         scores, unfused = predict_probs(logits, proposals, settings.multiply_rpn_score)
         boxes = predict_boxes(deltas, proposals, settings)
+        detected = detect_images(boxes, scores, unfused, [p.image_size for p in proposals],
+                                 settings)
         results = []
-        for b, s, u, p in zip(boxes, scores, unfused, proposals):
-            result, index = detect_single_image(b, s, u, p.image_size, settings)
+        for result, index in detected:
             result.proposal_index = index
             results.append(result)
         if self.mask_head is not None:
             self._predict_masks(res4, trunk, results)
         return results
+
+    def _settings(self, given_boxes: bool) -> InferenceSettings:
+        if given_boxes:
+            return dataclasses.replace(self.inference_settings, no_box_delta=True,
+                                       multiply_rpn_score=False)
+        return self.inference_settings
+
+    def scorable(self, proposals: List[Instances], given_boxes: bool = False) -> List[torch.Tensor]:
+        """Per image, the indices of the proposals that can yield a detection: with RPN-score
+        fusion, those whose objectness lets the fused score pass the threshold
+        (`fusion_can_pass`); otherwise all. The others need not be embedded."""
+        settings = self._settings(given_boxes)
+        if not settings.multiply_rpn_score:
+            return [torch.arange(len(p), device=p.objectness_logits.device) for p in proposals]
+        return [fusion_can_pass(p.objectness_logits, settings.score_thresh).nonzero().squeeze(1)
+                for p in proposals]
 
     def _predict_masks(self, res4, trunk: CLIPResNet, results: List[Instances]) -> None:
         boxes = [r.pred_boxes.tensor for r in results]

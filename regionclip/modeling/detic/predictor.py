@@ -14,7 +14,7 @@ from torch import nn
 
 from ...structures import Instances
 from ..box_coder import Box2BoxTransform
-from ..box_predictor import InferenceSettings, LossSettings, detect_single_image, predict_boxes
+from ..box_predictor import InferenceSettings, LossSettings, detect_images, predict_boxes
 from ..losses import box_regression_loss
 from ..matcher import regression_targets
 from ..resnet_fpn import c2_xavier_fill
@@ -120,6 +120,7 @@ class DeticBoxPredictor(nn.Module):
         probs = logits.float().sigmoid() if self.use_sigmoid_ce else logits.float().softmax(-1)
         probs = probs.split([len(p) for p in proposals])
         boxes = predict_boxes(deltas.float(), proposals, self.inference_settings)
-        return [detect_single_image(b, s, s, p.image_size, self.inference_settings)[0]
-                for b, s, p in zip(boxes, probs, proposals)]
+        detections = detect_images(boxes, probs, probs, [p.image_size for p in proposals],
+                                   self.inference_settings)
+        return [result for result, _ in detections]
 
