@@ -387,6 +387,19 @@ def test_visualize_draws_every_image_upright_with_its_predictions(tmp_path, tool
     assert read_image(tmp_path / "drawn/rotated.jpg").shape == (48, 64, 3)  # upright
 
 
+def test_visualize_max_images_draws_only_the_first_images(tmp_path, tools):
+    json_path, _, dataset = _tiny_coco(tmp_path / "data", num_images=3, image_size=(48, 64))
+    content = _read_json(json_path)
+    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
+                "score": 0.9} for a in content["annotations"]]
+    write_json(tmp_path / "results.json", results)
+    tools["visualize_json_results"].main(["--input", str(tmp_path / "results.json"),
+                                          "--output", str(tmp_path / "drawn"),
+                                          "--dataset", dataset, "--max-images", "2"])
+    assert sorted(os.listdir(tmp_path / "drawn")) == sorted(
+        img["file_name"] for img in content["images"][:2])
+
+
 def test_visualize_draws_transparent_images_over_white(tmp_path, tools):
     _, image_dir, dataset = _tiny_coco(tmp_path / "data", num_images=1, image_size=(48, 64))
     rgba = np.zeros((48, 64, 4), dtype=np.uint8)

@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--small-region-px", type=float, default=0.0,
                         help="with --show-unique-boxes: skip boxes smaller than this many square "
                         "pixels")
+    parser.add_argument("--max-images", type=int, default=0,
+                        help="draw only the first this many images of the dataset (0 = all)")
     parser.add_argument("--input-dir", default=DEFAULT_CUSTOM_IMAGE_DIR,
                         help="image folder of *_custom_img datasets")
     return parser.parse_args(argv)
@@ -99,8 +101,10 @@ def main(argv=None) -> List[str]:
     results = load_results(args.input)
     metadata = get_metadata(args.dataset)
     records = get_dataset_dicts(args.dataset, input_dir=args.input_dir)
+    by_image = group_by_image(results, [r["image_id"] for r in records],
+                              metadata.thing_dataset_id_to_contiguous_id)
+    records = records[:args.max_images] if args.max_images > 0 else records
     category_to_index = metadata.thing_dataset_id_to_contiguous_id
-    by_image = group_by_image(results, [r["image_id"] for r in records], category_to_index)
     paths = output_paths(records, args.output)
     os.makedirs(args.output, exist_ok=True)
     drawn = 0

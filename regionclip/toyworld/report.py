@@ -1,0 +1,161 @@
+"""The toy world's measurements: AP50 read back from the stages' outputs, chance level, the
+claims checked, and ``report.json`` / ``REPORT.md`` / loss curves.
+
+Every number comes from a file a stage wrote (``inference/metrics.json`` of an evaluation,
+``metrics.json`` of a training run); nothing here trains or runs a model.
+"""
+import json
+import logging
+import math
+import os
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from ..atomic import atomic_open
+from ..data.coco import load_coco_api
+from ..evaluation.coco import ovd_split_ap50, run_coco_eval
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("novel", "base", "all")
+CLAIM_MARGIN_GT = 10.0  # the student should beat its teacher by this many AP50 points (GT boxes)
+
+
+def read_ap50(output_dir: str) -> Dict[str, float]:
+    """``{"novel", "base", "all"}`` AP50 (percent) of the evaluation written in ``output_dir``;
+    NaN where the model made no detection at all (the evaluator then reports no split AP)."""
+    path = os.path.join(output_dir, "inference", "metrics.json")
+    with open(path) as f:
+        results = json.load(f)
+    bbox = next(iter(results.values()))["bbox"]
+    return {split: bbox.get(f"AP50_{split}", math.nan) for split in SPLITS}
+
+
+def chance_ap50(test_json: str, seed: int = 0) -> float:
+    """AP50 (percent, all classes) of uniformly random scores on the test split's own boxes:
+    every ground-truth box is reported once per class, each with a random score."""
+    coco_gt = load_coco_api(test_json)
+    rng = np.random.default_rng(seed)
+    cat_ids = sorted(coco_gt.getCatIds())
+    results = [{"image_id": ann["image_id"], "category_id": cat, "bbox": ann["bbox"],
+                "score": float(rng.random())}
+               for ann in coco_gt.dataset["annotations"] for cat in cat_ids]
+    coco_eval = run_coco_eval(coco_gt, results, "bbox")
+    novel = {c["id"] for c in coco_gt.dataset["categories"] if c.get("split") == "unseen"}
+    return ovd_split_ap50(coco_eval, novel, set(cat_ids) - novel)["AP50_all"]
+
+
+def loss_curve(output_dir: str, key: str = "total_loss") -> List[List[float]]:
+    """[[iteration, value], ...] of ``key`` from a training run's ``metrics.json`` lines."""
+    path = os.path.join(output_dir, "metrics.json")
+    points = []
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            if key in record and "iteration" in record:
+                points.append([record["iteration"], record[key]])
+    return points
+
+
+def claims(report: Dict) -> Dict[str, bool]:
+    """The paper's claims as the report measures them (AP50 of all classes)."""
+    zero, transfer, chance = report["zero_shot"], report["transfer"], report["chance_ap50"]
+    return {
+        "student_beats_teacher_gt_by_10": zero["gt"]["student"] - zero["gt"]["teacher"]
+        >= CLAIM_MARGIN_GT,
+        "student_beats_teacher_rpn": zero["rpn"]["student"] > zero["rpn"]["teacher"],
+        "transfer_student_beats_teacher_novel": transfer["from_student"]["novel"]
+        > transfer["from_teacher"]["novel"],
+        "focal_scaling_helps_novel": transfer["from_student"]["novel"]
+        > transfer["from_student_no_focal"]["novel"],
+        "all_above_chance": all(v > chance for mode in zero.values() for v in mode.values())
+        and all(run["all"] > chance for run in transfer.values()),
+    }
+
+
+def summarize(reports: Sequence[Dict]) -> Dict:
+    """Mean and spread (half the max - min range) of every number over seeds."""
+    def walk(values):
+        first = values[0]
+        if isinstance(first, dict):
+            return {k: walk([v[k] for v in values]) for k in first}
+        if isinstance(first, bool):
+            return {"held": sum(values), "of": len(values)}
+        array = np.asarray(values, dtype=float)
+        return {"mean": float(array.mean()), "spread": float((array.max() - array.min()) / 2)}
+    keys = ("zero_shot", "transfer", "chance_ap50", "claims", "seconds")
+    return {k: walk([r[k] for r in reports]) for k in keys}
+
+
+def pick(summary, field: str):
+    """The tree of ``summarize`` with each leaf replaced by its ``field`` ("mean", "spread",
+    "held")."""
+    if isinstance(summary, dict) and field in summary:
+        return summary[field]
+    return {k: pick(v, field) for k, v in summary.items() if isinstance(v, dict)}
+
+
+def _cell(value) -> str:
+    if isinstance(value, dict) and "mean" in value:
+        return f"{value['mean']:.1f} ± {value['spread']:.1f}"
+    return "nan" if isinstance(value, float) and math.isnan(value) else f"{value:.1f}"
+
+
+def markdown_table(report: Dict) -> str:
+    """The results table (one seed's numbers, or a ``summarize`` of several)."""
+    zero, transfer = report["zero_shot"], report["transfer"]
+    lines = ["| zero-shot AP50 (all 20 classes) | teacher | student |", "|---|---|---|"]
+    for mode, label in (("gt", "ground-truth boxes"), ("rpn", "RPN proposals")):
+        lines.append(f"| {label} | {_cell(zero[mode]['teacher'])} | "
+                     f"{_cell(zero[mode]['student'])} |")
+    lines += ["", "| transfer learning AP50 | novel | base | all |", "|---|---|---|---|"]
+    for run in ("from_student", "from_teacher", "from_student_no_focal"):
+        cells = " | ".join(_cell(transfer[run][s]) for s in SPLITS)
+        lines.append(f"| {run.replace('_', ' ')} | {cells} |")
+    lines += ["", f"Chance (random scores on the ground-truth boxes): "
+              f"{_cell(report['chance_ap50'])} AP50."]
+    return "\n".join(lines)
+
+
+def write_report(out: str, report: Dict, stage_seconds: Dict[str, float],
+                 commands: Dict[str, str], curves: Dict[str, List[List[float]]]) -> None:
+    """``report.json``, ``REPORT.md`` and ``loss_curves.png`` in ``out``."""
+    with atomic_open(os.path.join(out, "report.json"), "w") as f:
+        json.dump({**report, "stage_seconds": stage_seconds, "commands": commands}, f, indent=1)
+    png = _plot_curves(curves, os.path.join(out, "loss_curves.png"))
+    held = "\n".join(f"- {name}: {'holds' if ok else 'does NOT hold'}"
+                     for name, ok in report["claims"].items())
+    times = "\n".join(f"| {name} | {seconds:.0f} |" for name, seconds in stage_seconds.items())
+    cmds = "\n".join(f"# {name}\n{command}\n" for name, command in commands.items())
+    text = (f"# Toy world report (seed {report['seed']})\n\n{markdown_table(report)}\n\n"
+            f"## Claims\n\n{held}\n\n## Stage times (s)\n\n| stage | seconds |\n|---|---|\n"
+            f"{times}\n| total | {report['seconds']:.0f} |\n\n"
+            + (f"![loss curves]({os.path.basename(png)})\n\n" if png else "")
+            + f"Drawn test images: `drawings/`.\n\n## Commands\n\n```\n{cmds}```\n")
+    with atomic_open(os.path.join(out, "REPORT.md"), "w") as f:
+        f.write(text)
+
+
+def _plot_curves(curves: Dict[str, List[List[float]]], path: str) -> str:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no loss-curve plot")
+        return ""
+    figure, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3), squeeze=False)
+    for axis, (name, points) in zip(axes[0], curves.items()):
+        if points:
+            axis.plot(*zip(*points))
+        axis.set_title(name)
+        axis.set_xlabel("iteration")
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return path
+
+
+__all__ = ["chance_ap50", "claims", "loss_curve", "markdown_table", "pick",
+           "read_ap50", "summarize", "write_report"]

@@ -1,0 +1,53 @@
+"""``tools/toy_world.py`` end to end at the quick budget: every stage runs as the user's command,
+the report holds every number of the issue's format, and a second call resumes instead of
+training again. The quick budget trains for a few iterations only, so its numbers say nothing
+about the paper's claims (docs/TOYWORLD.md); the full budget measures them."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(ROOT, "tools", "toy_world.py")
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        return [leaf for value in tree.values() for leaf in _leaves(value)]
+    return [tree]
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, TOOL, *args], cwd=ROOT, capture_output=True,
+                          text=True)
+
+
+@pytest.mark.slow
+def test_quick_toy_world_runs_every_stage_and_resumes(tmp_path):
+    out = str(tmp_path / "tw")
+    first = _run("--out", out, "--budget", "quick")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    report = json.loads(open(os.path.join(out, "report.json")).read())
+    assert set(report["zero_shot"]) == {"gt", "rpn"}
+    assert set(report["zero_shot"]["gt"]) == {"teacher", "student"}
+    assert set(report["transfer"]) == {"from_student", "from_teacher", "from_student_no_focal"}
+    assert set(report["transfer"]["from_student"]) == {"novel", "base", "all"}
+    numbers = _leaves(report["zero_shot"]) + _leaves(report["transfer"])
+    assert all(0.0 <= v <= 100.0 for v in numbers if not math.isnan(v))
+    assert 0.0 < report["chance_ap50"] < 100.0 and report["seconds"] > 0
+    seed_dir = os.path.join(out, "seed_0")
+    for name in ("REPORT.md", "report.json", "loss_curves.png"):
+        assert os.path.isfile(os.path.join(seed_dir, name)), name
+    assert len(os.listdir(os.path.join(seed_dir, "drawings"))) == 6
+    assert "from student" in open(os.path.join(out, "REPORT.md")).read()
+
+    again = _run("--out", out, "--budget", "quick")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads(open(os.path.join(out, "report.json")).read())["seconds"] == \
+        report["seconds"]
+
+    mixed = _run("--out", out, "--budget", "full")
+    assert mixed.returncode != 0 and "--overwrite" in mixed.stderr

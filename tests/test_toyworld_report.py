@@ -1,0 +1,104 @@
+"""The toy world's report: chance level, AP50 read back, claims, mean ± spread over seeds."""
+import json
+import math
+
+import pytest
+
+from regionclip.toyworld.report import (
+    chance_ap50,
+    claims,
+    loss_curve,
+    markdown_table,
+    pick,
+    read_ap50,
+    summarize,
+    write_report,
+)
+
+
+def _grid_json(path, num_classes, images, novel=()):
+    """Images of 64x64 holding one 16x16 box per class, side by side: boxes never overlap."""
+    cats = [{"id": c + 1, "name": f"c{c}", "split": "unseen" if c in novel else "seen"}
+            for c in range(num_classes)]
+    anns = [{"id": i * num_classes + c + 1, "image_id": i + 1, "category_id": c + 1,
+             "bbox": [20.0 * c, 0.0, 16.0, 16.0], "area": 256.0, "iscrowd": 0}
+            for i in range(images) for c in range(num_classes)]
+    data = {"images": [{"id": i + 1, "file_name": f"{i}.png", "width": 20 * num_classes,
+                        "height": 64} for i in range(images)],
+            "annotations": anns, "categories": cats}
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_chance_is_perfect_with_one_class(tmp_path):
+    # Every reported box is its own ground truth: any ranking is all true positives.
+    assert chance_ap50(_grid_json(tmp_path / "one.json", 1, 10)) == pytest.approx(100.0)
+
+
+def test_chance_is_near_the_class_prevalence(tmp_path):
+    # A random ranking of 4 equally frequent classes: precision ~1/4 at every recall
+    # (the 101-point interpolated envelope lifts it a little).
+    path = _grid_json(tmp_path / "four.json", 4, 40, novel=(3,))
+    value = chance_ap50(path, seed=0)
+    assert 20.0 < value < 40.0
+    assert chance_ap50(path, seed=0) == value
+    assert chance_ap50(path, seed=1) != value
+
+
+def test_read_ap50_reads_the_evaluation_metrics(tmp_path):
+    (tmp_path / "inference").mkdir()
+    bbox = {"AP": 1.0, "AP50_novel": 2.0, "AP50_base": 3.0, "AP50_all": 2.75}
+    (tmp_path / "inference" / "metrics.json").write_text(json.dumps({"toy_test": {"bbox": bbox}}))
+    assert read_ap50(str(tmp_path)) == {"novel": 2.0, "base": 3.0, "all": 2.75}
+    # No detection at all: the evaluator reports NaN COCO metrics and no split.
+    (tmp_path / "inference" / "metrics.json").write_text('{"t": {"bbox": {"AP50": NaN}}}')
+    assert all(math.isnan(v) for v in read_ap50(str(tmp_path)).values())
+
+
+def test_loss_curve_keeps_training_records_only(tmp_path):
+    lines = [{"iteration": 0, "total_loss": 3.0}, {"iteration": 1, "lr": 0.1},
+             {"iteration": 2, "total_loss": 2.5}, {"bbox/AP50": 1.0}]
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in lines))
+    assert loss_curve(str(tmp_path)) == [[0, 3.0], [2, 2.5]]
+
+
+def _report(gt_teacher, gt_student, rpn_teacher, rpn_student, novel_student, novel_teacher,
+            novel_no_focal, chance=5.0, seed=0):
+    run = lambda novel: {"novel": novel, "base": 30.0, "all": 25.0}  # noqa: E731
+    report = {"zero_shot": {"gt": {"teacher": gt_teacher, "student": gt_student},
+                            "rpn": {"teacher": rpn_teacher, "student": rpn_student}},
+              "transfer": {"from_student": run(novel_student), "from_teacher": run(novel_teacher),
+                           "from_student_no_focal": run(novel_no_focal)},
+              "chance_ap50": chance, "seed": seed, "seconds": 60.0}
+    report["claims"] = claims(report)
+    return report
+
+
+def test_claims_hold_only_when_measured_so():
+    held = _report(20.0, 31.0, 10.0, 12.0, 15.0, 10.0, 12.0)["claims"]
+    assert all(held.values())
+    missed = _report(20.0, 29.0, 12.0, 12.0, 10.0, 10.0, 11.0, chance=12.0)["claims"]
+    assert not any(missed.values())
+
+
+def test_summarize_gives_mean_spread_and_claim_counts():
+    reports = [_report(20.0, 31.0, 10.0, 12.0, 15.0, 10.0, 12.0, seed=0),
+               _report(24.0, 29.0, 10.0, 12.0, 15.0, 10.0, 12.0, seed=1)]
+    summary = summarize(reports)
+    assert summary["zero_shot"]["gt"]["teacher"] == {"mean": 22.0, "spread": 2.0}
+    assert summary["claims"]["student_beats_teacher_gt_by_10"] == {"held": 1, "of": 2}
+    assert pick(summary, "mean")["zero_shot"]["gt"]["student"] == 30.0
+    assert pick(summary["claims"], "held")["student_beats_teacher_rpn"] == 2
+    assert "| ground-truth boxes | 22.0 ± 2.0 | 30.0 ± 1.0 |" in markdown_table(summary)
+
+
+def test_write_report_writes_json_markdown_and_curves(tmp_path):
+    report = _report(20.0, 31.0, 10.0, float("nan"), 15.0, 10.0, 12.0)
+    write_report(str(tmp_path), report, {"teacher": 12.0}, {"teacher": "python x"},
+                 {"teacher": [[0, 3.0], [1, 2.0]]})
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["zero_shot"]["gt"]["student"] == 31.0
+    assert math.isnan(saved["zero_shot"]["rpn"]["student"])
+    assert saved["stage_seconds"] == {"teacher": 12.0}
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "| RPN proposals | 10.0 | nan |" in text and "python x" in text

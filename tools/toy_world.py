@@ -1,0 +1,257 @@
+#!/usr/bin/env python3
+"""Run every stage of RegionCLIP in the toy world and measure the paper's claims.
+
+    python tools/toy_world.py --out output/toyworld                # one seed
+    python tools/toy_world.py --out output/toyworld --seeds 0 1 2  # mean ± spread over seeds
+    python tools/toy_world.py --out output/toyworld_quick --budget quick   # a 3-minute smoke run
+
+Each stage is the command a user runs on real data (``tools/make_toy_world.py``,
+``tools/train_net.py`` with a config of ``configs/toyworld/``, ``tools/build_concept_nouns.py``,
+``tools/extract_concept_features.py``, ``tools/visualize_json_results.py``), started as its own
+process; REPORT.md lists them. A stage whose output exists is not run again, so an interrupted
+run continues where it stopped; ``--overwrite`` starts over. Writes per seed
+``OUT/seed_<s>/{report.json,REPORT.md,loss_curves.png,drawings/}`` and, over all seeds,
+``OUT/report.json`` and ``OUT/REPORT.md``. See docs/TOYWORLD.md.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List
+
+from tqdm import tqdm
+
+from regionclip.atomic import atomic_open
+from regionclip.toyworld.report import (
+    chance_ap50,
+    claims,
+    loss_curve,
+    markdown_table,
+    pick,
+    read_ap50,
+    summarize,
+    write_report,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs", "toyworld")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """World sizes and training iterations of one run."""
+
+    train: int
+    val: int
+    test: int
+    pretrain: int
+    teacher_iters: int
+    rpn_iters: int
+    pretrain_iters: int
+    transfer_iters: int
+
+
+BUDGETS = {
+    "full": Budget(1200, 200, 300, 4000, teacher_iters=1500, rpn_iters=300, pretrain_iters=200,
+                   transfer_iters=200),
+    "quick": Budget(60, 10, 20, 160, teacher_iters=20, rpn_iters=20, pretrain_iters=5,
+                    transfer_iters=5),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for the world, runs and reports")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="full")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete a previous run in --out and start over")
+    return parser.parse_args(argv)
+
+
+def _tuple(*items: str) -> str:
+    return "(" + "".join(f"'{item}'," for item in items) + ")"
+
+
+def _iters(count: int) -> List[str]:
+    return ["SOLVER.MAX_ITER", str(count), "SOLVER.WARMUP_ITERS", str(max(1, count // 10))]
+
+
+def stages(run: str, world: str, budget: Budget, seed: int) -> Dict[str, List[str]]:
+    """Stage name -> command line (after ``python``), in the order they run."""
+    train_net = [os.path.join(ROOT, "tools", "train_net.py")]
+    det = {s: f"coco_json:{world}/detection/{s}.json:{world}/detection/{s}" for s in
+           ("train", "test")}
+    pairs = ["DATASETS.PATH_TRAIN", _tuple(f"{world}/pretrain"), "SEED", str(seed)]
+    teacher, student = f"{run}/teacher/model_final.pth", f"{run}/student/model_final.pth"
+    rpn, concepts = f"{run}/rpn/model_final.pth", f"{run}/concepts"
+    commands = {
+        "world": [os.path.join(ROOT, "tools", "make_toy_world.py"), "--out", world, "--seed",
+                  str(seed)] + sum(([f"--{k}", str(getattr(budget, k))] for k in
+                                    ("train", "val", "test", "pretrain")), []),
+        "teacher": train_net + ["--config-file", f"{CONFIGS}/clip_teacher.yaml", *pairs,
+                                *_iters(budget.teacher_iters), "OUTPUT_DIR", f"{run}/teacher"],
+        "rpn": train_net + ["--config-file", f"{CONFIGS}/rpn.yaml", "DATASETS.TRAIN",
+                            _tuple(det["train"]), "DATASETS.TEST", _tuple(det["test"]),
+                            *_iters(budget.rpn_iters), "SEED", str(seed),
+                            "OUTPUT_DIR", f"{run}/rpn"],
+        "concept_nouns": [os.path.join(ROOT, "tools", "build_concept_nouns.py"), "--captions",
+                          f"{world}/pretrain", "--vocabulary", f"{world}/vocabulary.txt",
+                          "--min-count", "5", "--parser", "none", "--output",
+                          f"{concepts}/nouns.txt"],
+    }
+    extract = [os.path.join(ROOT, "tools", "extract_concept_features.py"), "--config-file",
+               f"{CONFIGS}/zero_shot.yaml"]
+    for name, names in (("pool", f"{concepts}/nouns.txt"),
+                        ("classes_all", f"{world}/detection/test.json"),
+                        ("classes_base", f"{world}/detection/train.json")):
+        commands[f"concepts_{name}"] = extract + ["--names", names, "--output",
+                                                  f"{concepts}/{name}.pth",
+                                                  "MODEL.WEIGHTS", teacher]
+    commands["student"] = train_net + [
+        "--config-file", f"{CONFIGS}/pretrain.yaml", *pairs, *_iters(budget.pretrain_iters),
+        "MODEL.WEIGHTS", teacher, "MODEL.CLIP.BB_RPN_WEIGHTS", rpn,
+        "MODEL.CLIP.CONCEPT_POOL_EMB", f"{concepts}/pool.pth", "OUTPUT_DIR", f"{run}/student"]
+    evaluate = train_net + ["--eval-only", "--config-file", f"{CONFIGS}/zero_shot.yaml",
+                            "DATASETS.TEST", _tuple(det["test"]), "MODEL.CLIP.BB_RPN_WEIGHTS",
+                            rpn, "MODEL.CLIP.TEXT_EMB_PATH", f"{concepts}/classes_all.pth"]
+    for who, weights in (("teacher", teacher), ("student", student)):
+        for mode, region, fuse in (("gt", "GT", "False"), ("rpn", "RPN", "True")):
+            commands[f"zero_shot_{mode}_{who}"] = evaluate + [
+                "MODEL.WEIGHTS", weights, "MODEL.CLIP.CROP_REGION_TYPE", region,
+                "MODEL.CLIP.MULTIPLY_RPN_SCORE", fuse,
+                "OUTPUT_DIR", f"{run}/zero_shot_{mode}_{who}"]
+    for name, weights, focal in (("from_student", student, "0.5"),
+                                 ("from_teacher", teacher, "0.5"),
+                                 ("from_student_no_focal", student, "0.0")):
+        commands[f"transfer_{name}"] = train_net + [
+            "--config-file", f"{CONFIGS}/transfer.yaml", "DATASETS.TRAIN", _tuple(det["train"]),
+            "DATASETS.TEST", _tuple(det["test"]), *_iters(budget.transfer_iters),
+            "MODEL.WEIGHTS", weights, "MODEL.CLIP.BB_RPN_WEIGHTS", rpn,
+            "MODEL.CLIP.TEXT_EMB_PATH", f"{concepts}/classes_base.pth",
+            "MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH", f"{concepts}/classes_all.pth",
+            "MODEL.CLIP.FOCAL_SCALED_LOSS", focal, "SEED", str(seed),
+            "OUTPUT_DIR", f"{run}/transfer_{name}"]
+    commands["drawings"] = [
+        os.path.join(ROOT, "tools", "visualize_json_results.py"), "--input",
+        f"{run}/zero_shot_rpn_student/inference/coco_instances_results.json", "--output",
+        f"{run}/drawings", "--dataset", det["test"], "--conf-threshold", "0.3", "--max-images",
+        "6"]
+    return commands
+
+
+# Rough relative cost of each stage, for the ETA of the progress bar.
+WEIGHTS = {"world": 2, "teacher": 8, "rpn": 3, "student": 4, "drawings": 0.5}
+
+
+def _done_marker(run: str, name: str) -> str:
+    return os.path.join(run, ".done", name)
+
+
+def run_stage(name: str, argv: List[str], run: str) -> float:
+    """Run one stage (unless it already finished); returns its seconds."""
+    marker = _done_marker(run, name)
+    if os.path.exists(marker):
+        with open(marker) as f:
+            return float(f.read())
+    os.makedirs(os.path.join(run, "logs"), exist_ok=True)
+    log = os.path.join(run, "logs", f"{name}.log")
+    start = time.time()
+    with open(log, "w") as f:
+        code = subprocess.call([sys.executable, *argv], cwd=ROOT, stdout=f,
+                               stderr=subprocess.STDOUT)
+    if code:
+        with open(log) as f:
+            tail = f.read().strip().splitlines()[-1:] or ["(no output)"]
+        raise SystemExit(f"toy_world: stage {name} failed (exit {code}): {tail[0]} "
+                         f"-- full log: {log}")
+    seconds = time.time() - start
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    with open(marker, "w") as f:
+        f.write(f"{seconds:.1f}")
+    return seconds
+
+
+def check_run_folder(run: str, budget_name: str, seed: int, overwrite: bool) -> None:
+    """Refuse to mix runs: ``run`` must be new, or hold a run of the same budget and seed."""
+    identity = {"budget": budget_name, "seed": seed, "sizes": asdict(BUDGETS[budget_name])}
+    path = os.path.join(run, "pipeline.json")
+    if overwrite and os.path.exists(run):
+        shutil.rmtree(run)
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        if previous != identity:
+            raise SystemExit(f"toy_world: {run} holds a run with {previous}, not {identity}; "
+                             "choose another --out or pass --overwrite")
+        return
+    if os.path.exists(run) and os.listdir(run):
+        raise SystemExit(f"toy_world: {run} exists and is not a toy-world run; choose another "
+                         "--out or pass --overwrite")
+    os.makedirs(run, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(identity, f)
+
+
+def run_seed(out: str, budget_name: str, seed: int, overwrite: bool) -> Dict:
+    run = os.path.join(out, f"seed_{seed}")
+    check_run_folder(run, budget_name, seed, overwrite)
+    world = os.path.join(run, "world")
+    commands = stages(run, world, BUDGETS[budget_name], seed)
+    weights = {name: WEIGHTS.get(name.split("_")[0], 1) for name in commands}
+    seconds = {}
+    with tqdm(total=sum(weights.values()), desc=f"toy world seed {seed}",
+              bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}",
+              file=sys.stdout) as bar:
+        for name, argv in commands.items():
+            bar.set_postfix_str(name)
+            seconds[name] = run_stage(name, argv, run)
+            bar.update(weights[name])
+    report = measure(run, world, seed, seconds)
+    write_report(run, report, seconds, {k: "python " + " ".join(v) for k, v in commands.items()},
+                 {stage: loss_curve(f"{run}/{stage}") for stage in ("teacher", "rpn", "student",
+                                                                    "transfer_from_student")})
+    return report
+
+
+def measure(run: str, world: str, seed: int, seconds: Dict[str, float]) -> Dict:
+    """The numbers of ``report.json`` from the stages' outputs."""
+    zero_shot = {mode: {who: read_ap50(f"{run}/zero_shot_{mode}_{who}")["all"]
+                        for who in ("teacher", "student")} for mode in ("gt", "rpn")}
+    transfer = {name: read_ap50(f"{run}/transfer_{name}") for name in
+                ("from_student", "from_teacher", "from_student_no_focal")}
+    report = {"zero_shot": zero_shot, "transfer": transfer,
+              "chance_ap50": chance_ap50(f"{world}/detection/test.json", seed), "seed": seed,
+              "seconds": sum(seconds.values())}
+    report["claims"] = claims(report)
+    return report
+
+
+def main(argv=None) -> Dict:
+    args = parse_args(argv)
+    out = os.path.abspath(args.out)
+    reports = [run_seed(out, args.budget, seed, args.overwrite) for seed in args.seeds]
+    summary = summarize(reports)
+    with atomic_open(os.path.join(out, "report.json"), "w") as f:
+        json.dump({**pick(summary, "mean"), "spread": pick(summary, "spread"),
+                   "claims_held": pick(summary["claims"], "held"), "seed": args.seeds[0],
+                   "seeds": args.seeds,
+                   "budget": args.budget, "per_seed": reports}, f, indent=1)
+    table = markdown_table(summary)
+    held = "\n".join(f"- {name}: held on {v['held']} of {v['of']} seeds"
+                     for name, v in summary["claims"].items())
+    with atomic_open(os.path.join(out, "REPORT.md"), "w") as f:
+        f.write(f"# Toy world, seeds {args.seeds} ({args.budget} budget)\n\n{table}\n\n"
+                f"## Claims\n\n{held}\n")
+    print(table)
+    print(held)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
