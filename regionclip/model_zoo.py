@@ -15,7 +15,7 @@ from .checkpoint import DETECTRON2, OPENAI_CLIP, read_state_dict, visual_arch
 from .config.variants import get_variant
 
 __all__ = ["CONFIGS_ENV", "DETECTOR_WEIGHTS", "RPN_WEIGHTS", "CheckpointContents",
-           "DetectorWeights", "RPNWeights", "config_path", "find_companion",
+           "DetectorWeights", "RPNWeights", "VARIANT_CONFIGS", "config_path", "find_companion",
            "inspect_checkpoint", "rpn_for_layout"]
 
 CONFIGS_ENV = "REGIONCLIP_CONFIGS"  # folder holding the YAML configs, when not beside the package
@@ -24,6 +24,9 @@ COCO_C4_RPN = _COCO + "mask_rcnn_R_50_C4_1x_ovd_FSD.yaml"
 LVIS_FPN_RPN = _LVIS + "mask_rcnn_R_50_FPN_1x.yaml"
 # The original's custom-image flow (visualize_zeroshot_inference.sh): any vocabulary, any image.
 ZERO_SHOT_CONFIG = _LVIS + "CLIP_fast_rcnn_R_50_C4_custom_img.yaml"
+# Checkpoints of the toy world (tools/toy_world.py) have no record; their variant names the
+# configs they were trained with: (zero-shot config, offline RPN config).
+VARIANT_CONFIGS = {"toy": ("toyworld/zero_shot.yaml", "toyworld/rpn.yaml")}
 # test_transfer_learning.sh evaluates every fine-tuned detector with soft-NMS.
 _SOFT_NMS = ("MODEL.ROI_HEADS.SOFT_NMS_ENABLED", True)
 # pretrained_ckpt/ layout: a file's companions sit in sibling folders.

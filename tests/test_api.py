@@ -408,3 +408,29 @@ def test_gpu_detections_match_cpu(files, detector, tmp_path):
     torch.testing.assert_close(gpu_result.boxes, cpu_result.boxes, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(gpu_result.embeddings, cpu_result.embeddings, atol=1e-3,
                                rtol=1e-3)
+
+
+def test_toy_world_checkpoints_bring_the_toy_world_configs(tmp_path):
+    # A toy-world detector (random weights, the toy RPN inside) and a toy CLIP teacher as its
+    # text tower: Detector finds the toy configs from the variant alone and detects.
+    from regionclip.api import Detector
+    from regionclip.config import load_config
+    from regionclip.modeling.build import build_model
+
+    def save(config, name, overrides=()):
+        model = build_model(load_config(config_path(config), ["MODEL.DEVICE", "cpu",
+                                                                *overrides]))
+        save_checkpoint(str(tmp_path / name), model.state_dict())
+        return str(tmp_path / name)
+
+    weights = save("toyworld/zero_shot.yaml", "student.pth")
+    teacher = save("toyworld/clip_teacher.yaml", "teacher.pth")
+    spec = resolve_spec(weights)
+    assert spec.variant == "toy"
+    assert spec.config == config_path("toyworld/zero_shot.yaml")
+    assert spec.rpn.config == "toyworld/rpn.yaml" and spec.rpn_weights == ""
+    detector = Detector.from_pretrained(weights, text_weights=teacher, device="cpu",
+                                        score_threshold=0.0, progress=False)
+    detector.set_vocabulary(["heart", "star"])
+    result = detector(scene(seed=3))
+    assert len(result) > 0 and set(result.labels) <= {"heart", "star"}

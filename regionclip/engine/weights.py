@@ -22,6 +22,7 @@ from ..download_pages import missing_file_message
 from ..model_zoo import (
     DETECTOR_WEIGHTS,
     RPN_WEIGHTS,
+    VARIANT_CONFIGS,
     ZERO_SHOT_CONFIG,
     CheckpointContents,
     DetectorWeights,
@@ -145,6 +146,9 @@ def resolve_spec(weights: str, rpn_weights: Optional[str] = None, variant: Optio
     if not variant:
         raise ValueError(f"cannot tell the CLIP variant of {weights} from its tensors; pass "
                          "variant= (RN50, RN50x4, ...)")
+    variant_config, variant_rpn_config = VARIANT_CONFIGS.get(variant, (None, None))
+    if rpn_weights or contents.rpn_layout:
+        rpn_config = rpn_config or variant_rpn_config
     rpn, rpn_file = _rpn_spec(weights, rpn_weights, rpn_config, record, contents)
     if text_weights:
         text_weights = existing_file(text_weights, "text-tower checkpoint")
@@ -154,7 +158,7 @@ def resolve_spec(weights: str, rpn_weights: Optional[str] = None, variant: Optio
         text_weights = find_companion(weights, record.text_weights if record else "")
     # The official scripts' additions belong to the official config only.
     extra = tuple(record.overrides) if record and not config else ()
-    config = config or (record.config if record else ZERO_SHOT_CONFIG)
+    config = config or (record.config if record else variant_config or ZERO_SHOT_CONFIG)
     return ModelSpec(weights, variant, config_path(config), rpn, rpn_file, text_weights,
                      extra + tuple(overrides))
 
