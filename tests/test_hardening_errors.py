@@ -101,6 +101,38 @@ def test_the_train_net_command_prints_the_cause_alone(tmp_path):
     assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
+@pytest.mark.parametrize("tool, args, missing", [
+    ("visualize_json_results.py", ["--input", "no/results.json", "--output", "drawn",
+                                   "--dataset", "coco_json:no/test.json:no/images"],
+     ["no/results.json", "no/test.json", "no/images"]),
+    ("extract_concept_features.py", ["--config-file", TINY_CONFIG, "--names", "no/names.txt",
+                                     "MODEL.WEIGHTS", "no/clip.pth"],
+     ["no/names.txt", "no/clip.pth"]),
+    ("extract_region_features.py", ["--config-file", TINY_CONFIG, "INPUT_DIR", "no/images",
+                                    "MODEL.WEIGHTS", "no/model.pth", "MODEL.CLIP.BB_RPN_WEIGHTS",
+                                    "no/rpn.pth", "MODEL.CLIP.CROP_REGION_TYPE", "RPN",
+                                    "MODEL.CLIP.OFFLINE_RPN_CONFIG", TINY_RPN_CONFIG],
+     ["no/images", "no/model.pth", "no/rpn.pth"]),
+])
+def test_tools_name_every_missing_input_at_once_without_traceback(tmp_path, tool, args, missing):
+    result = run([REPO / "tools" / tool, *args], tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.startswith(f"{tool[:-3]}: error: {len(missing)} inputs are missing")
+    assert all(path in result.stderr for path in missing), result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "drawn").exists()
+
+
+def test_extract_concept_features_checks_its_output_before_encoding(tmp_path, read_only):
+    (tmp_path / "names.txt").write_text("cat\ndog\n")
+    (tmp_path / "clip.pth").write_bytes(b"")  # never read: the output check comes first
+    result = run([REPO / "tools" / "extract_concept_features.py", "--config-file", TINY_CONFIG,
+                  "--names", "names.txt", "--output", f"{read_only}/emb.pth", "MODEL.WEIGHTS",
+                  "clip.pth"], tmp_path)
+    assert result.returncode == 1
+    assert_cause_first_and_once(result.stderr, f"--output {read_only}/emb.pth")
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
 def test_the_debug_switch_raises_user_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("REGIONCLIP_DEBUG", "1")
     args = defaults.default_argument_parser().parse_args(

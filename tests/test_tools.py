@@ -415,7 +415,7 @@ def test_visualize_draws_transparent_images_over_white(tmp_path, tools):
 
 
 @pytest.mark.parametrize("content, error, message", [
-    (None, FileNotFoundError, "results json not found"),
+    (None, FileNotFoundError, r"results json \(--input\) not found"),
     ("[{", ValueError, "not valid json"),
     ({"image_id": 1}, ValueError, "list of COCO result dicts"),
     ([{"image_id": 1, "category_id": 1}], ValueError, "entry 0"),

@@ -33,6 +33,7 @@ Making a concept pool for pretraining takes two steps:
 import argparse
 import logging
 import os
+import sys
 
 from regionclip.data.coco import class_names_from_file
 from regionclip.data.nouns import (
@@ -42,6 +43,7 @@ from regionclip.data.nouns import (
     iter_caption_texts,
     load_noun_parser,
 )
+from regionclip.engine.defaults import run_tool
 
 logger = logging.getLogger("regionclip.nouns")
 
@@ -83,4 +85,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main, "build_concept_nouns"))

@@ -20,6 +20,7 @@ CPU tensors whose rows all describe the same region.
   score) and ``feats`` of the proposal each detection came from.
 """
 import os
+import sys
 from collections import Counter
 from typing import Dict, List, Sequence
 
@@ -31,7 +32,8 @@ from regionclip.atomic import atomic_open
 from regionclip.config import load_config
 from regionclip.data.coco import load_image_folder
 from regionclip.data.mapper import build_inference_mapper
-from regionclip.engine.defaults import default_argument_parser, setup_logging
+from regionclip.engine.defaults import default_argument_parser, run_tool, setup_logging
+from regionclip.engine.preflight import FOLDER, Input, check_inputs, model_inputs
 from regionclip.engine.weights import load_weights
 from regionclip.modeling.build import build_model
 from regionclip.modeling.detector import postprocess
@@ -84,15 +86,16 @@ def main(argv=None) -> List[str]:
     cfg = load_config(args.config_file, args.opts)
     logger = setup_logging()
     check_config(cfg)
+    check_inputs([Input(cfg.INPUT_DIR, "images (INPUT_DIR)", FOLDER), *model_inputs(cfg)])
     records = load_image_folder(cfg.INPUT_DIR)
     paths = output_paths(records, cfg.OUTPUT_DIR)
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     model = build_model(cfg)
     load_weights(cfg, model)
     model.eval()
     mapper = build_inference_mapper(cfg)
     clip = cfg.MODEL.CLIP
     with_vocabulary = bool(clip.TEXT_EMB_PATH or clip.OPENSET_TEST_TEXT_EMB_PATH)
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     for record, path in zip(tqdm.tqdm(records, desc="Region features", unit="image"), paths):
         with atomic_open(path, "wb") as f:
             torch.save(extract(model, mapper(record), with_vocabulary), f)
@@ -101,4 +104,4 @@ def main(argv=None) -> List[str]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main, "extract_region_features"))

@@ -10,7 +10,9 @@ pairs as ``DATASETS.FACTORY_TRAIN ("ImageCaptionJsonl",)`` with ``PATH_TRAIN`` t
 """
 import argparse
 import logging
+import sys
 
+from regionclip.engine.defaults import run_tool
 from regionclip.toyworld import SceneSpec, WorldSizes, write_world
 
 logger = logging.getLogger("regionclip.toyworld")
@@ -42,4 +44,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main, "make_toy_world"))

@@ -21,9 +21,11 @@ import argparse
 import json
 import logging
 import os
+import sys
 
 from regionclip.data.coco_ovd import build_ovd_split
 from regionclip.data.image_labels import caption_image_labels, class_image_counts
+from regionclip.engine.defaults import run_tool
 from regionclip.evaluation.results import write_json_atomic
 
 logger = logging.getLogger("prepare_detic_coco")
@@ -76,4 +78,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main, "prepare_detic_coco"))

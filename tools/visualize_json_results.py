@@ -12,6 +12,7 @@ predictions that pass the filters drawn on it. ``*_custom_img`` datasets read th
 import argparse
 import json
 import os
+import sys
 from collections import Counter, defaultdict
 from typing import Dict, List, Sequence
 
@@ -20,7 +21,8 @@ import tqdm
 
 from regionclip.data.catalog import DEFAULT_CUSTOM_IMAGE_DIR, get_dataset_dicts, get_metadata
 from regionclip.data.mapper import read_image
-from regionclip.engine.defaults import setup_logging
+from regionclip.engine.defaults import run_tool, setup_logging
+from regionclip.engine.preflight import Input, check_inputs, dataset_inputs
 from regionclip.visualization import DRAWING_BACKGROUND, draw_predictions, select_predictions
 
 RESULT_KEYS = ("image_id", "category_id", "bbox", "score")
@@ -51,8 +53,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_results(path: str) -> List[Dict]:
     """The result dicts of a results json, checked for the fields drawing needs."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"results json not found: {path}")
     with open(path) as f:
         try:
             results = json.load(f)
@@ -98,6 +98,8 @@ def output_paths(records: Sequence[Dict], output_dir: str) -> List[str]:
 def main(argv=None) -> List[str]:
     args = parse_args(argv)
     logger = setup_logging()
+    check_inputs([Input(args.input, "results json (--input)"),
+                  *dataset_inputs([args.dataset], args.input_dir)])
     results = load_results(args.input)
     metadata = get_metadata(args.dataset)
     records = get_dataset_dicts(args.dataset, input_dir=args.input_dir)
@@ -123,4 +125,4 @@ def main(argv=None) -> List[str]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main, "visualize_json_results"))

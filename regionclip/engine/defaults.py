@@ -281,6 +281,18 @@ def user_error_line(command: str, err: BaseException) -> str:
     return f"{command}: error: " + " ".join(part.strip() for part in str(err).splitlines())
 
 
+def run_tool(main: Callable[[], object], command: str) -> int:
+    """A one-process tool's ``main`` with bad input reported as one line; the exit status."""
+    try:
+        main()
+    except Exception as err:
+        if not is_user_error(err):
+            raise
+        print(user_error_line(command, err), file=sys.stderr, flush=True)
+        return USER_ERROR_STATUS
+    return 0
+
+
 def run(args) -> int:
     """``tools/train_net.py``: :func:`main` in one process per GPU; returns the exit status."""
     try:

@@ -14,7 +14,8 @@ from typing import Iterable, List
 from ..data.catalog import DATASETS_ENV, dataset_root, get_spec, is_builtin
 from ..download_pages import missing_file_message
 
-__all__ = ["Input", "MissingInputsError", "check_inputs", "config_inputs"]
+__all__ = ["FOLDER", "Input", "MissingInputsError", "check_inputs", "config_inputs",
+           "dataset_inputs", "model_inputs"]
 
 FILE, FOLDER, ANY = "file", "folder", "file or folder"
 _PATTERN_CHARS = set("*?[{")  # a shard pattern, not a path: its reader resolves it
@@ -56,11 +57,13 @@ def config_inputs(cfg, training: bool, weights: bool = True) -> List[Input]:
     """The files and folders ``cfg`` names that a run reads: the model's (``weights``: also
     the checkpoints of ``load_weights``, which a resumed run does not read) and those of the
     datasets it tests on (and, ``training``, trains on)."""
-    return [*_model_inputs(cfg, weights), *_training_inputs(cfg, training),
-            *_dataset_inputs(cfg, cfg.DATASETS.TEST)]
+    return [*model_inputs(cfg, weights), *_training_inputs(cfg, training),
+            *dataset_inputs(cfg.DATASETS.TEST, cfg.INPUT_DIR)]
 
 
-def _model_inputs(cfg, weights: bool) -> List[Input]:
+def model_inputs(cfg, weights: bool = True) -> List[Input]:
+    """The checkpoints (``weights``), embedding files and RPN config the model of ``cfg``
+    reads."""
     clip, box_head = cfg.MODEL.CLIP, cfg.MODEL.ROI_BOX_HEAD
     rpn = clip.CROP_REGION_TYPE == "RPN"  # the offline RPN is built and loaded only then
     inputs = []
@@ -103,18 +106,19 @@ def _training_inputs(cfg, training: bool) -> List[Input]:
         inputs += [Input(part, "image-text data (DATASETS.PATH_TRAIN)", ANY)
                    for path in cfg.DATASETS.PATH_TRAIN for part in path.split("+")]
         return inputs
-    return inputs + _dataset_inputs(cfg, cfg.DATASETS.TRAIN)
+    return inputs + dataset_inputs(cfg.DATASETS.TRAIN, cfg.INPUT_DIR)
 
 
-def _dataset_inputs(cfg, names: Iterable[str]) -> List[Input]:
-    """Annotation json and image folder of catalog datasets (``INPUT_DIR`` for image folders)."""
+def dataset_inputs(names: Iterable[str], input_dir: str) -> List[Input]:
+    """Annotation json and image folder of catalog datasets (``input_dir``, the config's
+    ``INPUT_DIR``, for image-folder datasets)."""
     inputs = []
     for name in names:
         spec = get_spec(name)
         of = f" of dataset {name!r}"
         under = f" (under {dataset_root()!r}, set with ${DATASETS_ENV})" if is_builtin(name) else ""
         if spec.format == "image_folder":  # its json gives only the class names
-            inputs += [Input(cfg.INPUT_DIR, f"image folder (INPUT_DIR){of}", FOLDER),
+            inputs += [Input(input_dir, f"image folder (INPUT_DIR){of}", FOLDER),
                        Input(spec.json_file, f"class vocabulary json{of}{under}")]
         else:
             inputs += [Input(spec.json_file, f"annotation file{of}{under}"),
