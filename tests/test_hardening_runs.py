@@ -19,6 +19,7 @@ from _engine_utils import Killed, read_json_lines
 from _tool_utils import run_train_net
 
 from regionclip.checkpoint import read_checkpoint
+from regionclip.engine.output_dir import LOCK_FILE, OutputDirError, OutputDirLock
 from regionclip.engine.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,3 +219,18 @@ def test_resumed_metrics_equal_an_uninterrupted_run(tmp_path, dataset, monkeypat
         numbers = {k for k, v in reference.items() if v is not None}
         assert {k: line[k] for k in numbers} == pytest.approx(
             {k: reference[k] for k in numbers}, rel=1e-6)
+
+
+@pytest.mark.parametrize("lock_text, holder", [
+    ('{"pid": 1, "host": "another-machine", "started": "2026-01-01T00:00:00"}',
+     "pid 1 on another-machine"),
+    ("not json", "a run whose lock cannot be read"),
+])
+def test_locks_of_other_hosts_and_unreadable_locks_are_never_taken_over(tmp_path, lock_text,
+                                                                         holder):
+    (tmp_path / LOCK_FILE).write_text(lock_text)
+    with pytest.raises(OutputDirError, match=holder) as error:
+        with OutputDirLock(str(tmp_path)):
+            pass
+    assert str(tmp_path / LOCK_FILE) in str(error.value)
+    assert (tmp_path / LOCK_FILE).read_text() == lock_text
