@@ -65,6 +65,18 @@ def _snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def test_teacher_temperature_is_the_config_key(tmp_path):
+    """MODEL.CLIP.TEACHER_TEMP sets the teacher's label distributions: with the student equal
+    to the teacher the distillation vanishes exactly when it matches CLSS_TEMP."""
+    for teacher_temp, vanishes in ((0.1, True), (0.01, False)):
+        model = _from_clip(tmp_path, "MODEL.CLIP.CLSS_TEMP", 0.1,
+                           "MODEL.CLIP.TEACHER_TEMP", teacher_temp)
+        assert model.teacher_temperature == teacher_temp
+        torch.manual_seed(0)
+        distill = model(_batch())["loss_region_distill"].item()
+        assert (distill < 1e-4) == vanishes, (teacher_temp, distill)
+
+
 # ------------------------------------------------------------------------------------------
 # Checkpoint layout and initialisation
 # ------------------------------------------------------------------------------------------

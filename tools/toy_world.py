@@ -12,9 +12,15 @@ process; REPORT.md lists them. A stage whose output exists is not run again, so 
 run continues where it stopped; ``--overwrite`` starts over. Writes per seed
 ``OUT/seed_<s>/{report.json,REPORT.md,loss_curves.png,drawings/}`` and, over all seeds,
 ``OUT/report.json`` and ``OUT/REPORT.md``. See docs/TOYWORLD.md.
+
+Temperatures: RegionCLIP's 0.01 (``MODEL.CLIP.CLSS_TEMP`` and the teacher's pseudo-label
+temperature) is OpenAI CLIP's learnt one, 1 / exp(logit_scale). ``--temperature teacher`` (the
+default) uses the toy teacher's own learnt temperature in its place for every stage after the
+teacher; ``--temperature paper`` keeps 0.01.
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -26,6 +32,7 @@ from typing import Dict, List
 from tqdm import tqdm
 
 from regionclip.atomic import atomic_open
+from regionclip.checkpoint import read_state_dict
 from regionclip.toyworld.report import (
     chance_ap50,
     claims,
@@ -69,6 +76,8 @@ def parse_args(argv=None):
     parser.add_argument("--out", required=True, help="folder for the world, runs and reports")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="full")
+    parser.add_argument("--temperature", choices=("teacher", "paper"), default="teacher",
+                        help="the teacher's learnt temperature, or the paper's 0.01")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete a previous run in --out and start over")
     return parser.parse_args(argv)
@@ -82,14 +91,24 @@ def _iters(count: int) -> List[str]:
     return ["SOLVER.MAX_ITER", str(count), "SOLVER.WARMUP_ITERS", str(max(1, count // 10))]
 
 
-def stages(run: str, world: str, budget: Budget, seed: int) -> Dict[str, List[str]]:
-    """Stage name -> command line (after ``python``), in the order they run."""
+def teacher_temperature(weights: str) -> float:
+    """1 / exp(logit_scale) of a CLIP checkpoint: the temperature its training learnt."""
+    state_dict, _ = read_state_dict(weights)
+    return 1.0 / math.exp(float(state_dict["logit_scale"]))
+
+
+def stages(run: str, world: str, budget: Budget, seed: int,
+           temperature: float = 0.01) -> Dict[str, List[str]]:
+    """Stage name -> command line (after ``python``), in the order they run; ``temperature``
+    is given to every stage after the teacher."""
     train_net = [os.path.join(ROOT, "tools", "train_net.py")]
     det = {s: f"coco_json:{world}/detection/{s}.json:{world}/detection/{s}" for s in
            ("train", "test")}
     pairs = ["DATASETS.PATH_TRAIN", _tuple(f"{world}/pretrain"), "SEED", str(seed)]
     teacher, student = f"{run}/teacher/model_final.pth", f"{run}/student/model_final.pth"
     rpn, concepts = f"{run}/rpn/model_final.pth", f"{run}/concepts"
+    temp = ["MODEL.CLIP.CLSS_TEMP", f"{temperature:.6g}", "MODEL.CLIP.TEACHER_TEMP",
+            f"{temperature:.6g}"]
     commands = {
         "world": [os.path.join(ROOT, "tools", "make_toy_world.py"), "--out", world, "--seed",
                   str(seed)] + sum(([f"--{k}", str(getattr(budget, k))] for k in
@@ -116,10 +135,11 @@ def stages(run: str, world: str, budget: Budget, seed: int) -> Dict[str, List[st
     commands["student"] = train_net + [
         "--config-file", f"{CONFIGS}/pretrain.yaml", *pairs, *_iters(budget.pretrain_iters),
         "MODEL.WEIGHTS", teacher, "MODEL.CLIP.BB_RPN_WEIGHTS", rpn,
-        "MODEL.CLIP.CONCEPT_POOL_EMB", f"{concepts}/pool.pth", "OUTPUT_DIR", f"{run}/student"]
+        "MODEL.CLIP.CONCEPT_POOL_EMB", f"{concepts}/pool.pth", *temp,
+        "OUTPUT_DIR", f"{run}/student"]
     evaluate = train_net + ["--eval-only", "--config-file", f"{CONFIGS}/zero_shot.yaml",
                             "DATASETS.TEST", _tuple(det["test"]), "MODEL.CLIP.BB_RPN_WEIGHTS",
-                            rpn, "MODEL.CLIP.TEXT_EMB_PATH", f"{concepts}/classes_all.pth"]
+                            rpn, "MODEL.CLIP.TEXT_EMB_PATH", f"{concepts}/classes_all.pth", *temp]
     for who, weights in (("teacher", teacher), ("student", student)):
         for mode, region, fuse in (("gt", "GT", "False"), ("rpn", "RPN", "True")):
             commands[f"zero_shot_{mode}_{who}"] = evaluate + [
@@ -135,7 +155,7 @@ def stages(run: str, world: str, budget: Budget, seed: int) -> Dict[str, List[st
             "MODEL.WEIGHTS", weights, "MODEL.CLIP.BB_RPN_WEIGHTS", rpn,
             "MODEL.CLIP.TEXT_EMB_PATH", f"{concepts}/classes_base.pth",
             "MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH", f"{concepts}/classes_all.pth",
-            "MODEL.CLIP.FOCAL_SCALED_LOSS", focal, "SEED", str(seed),
+            "MODEL.CLIP.FOCAL_SCALED_LOSS", focal, "SEED", str(seed), *temp,
             "OUTPUT_DIR", f"{run}/transfer_{name}"]
     commands["drawings"] = [
         os.path.join(ROOT, "tools", "visualize_json_results.py"), "--input",
@@ -177,9 +197,11 @@ def run_stage(name: str, argv: List[str], run: str) -> float:
     return seconds
 
 
-def check_run_folder(run: str, budget_name: str, seed: int, overwrite: bool) -> None:
-    """Refuse to mix runs: ``run`` must be new, or hold a run of the same budget and seed."""
-    identity = {"budget": budget_name, "seed": seed, "sizes": asdict(BUDGETS[budget_name])}
+def check_run_folder(run: str, budget_name: str, seed: int, temperature: str,
+                     overwrite: bool) -> None:
+    """Refuse to mix runs: ``run`` must be new, or hold a run of the same settings."""
+    identity = {"budget": budget_name, "seed": seed, "temperature": temperature,
+                "sizes": asdict(BUDGETS[budget_name])}
     path = os.path.join(run, "pipeline.json")
     if overwrite and os.path.exists(run):
         shutil.rmtree(run)
@@ -198,21 +220,27 @@ def check_run_folder(run: str, budget_name: str, seed: int, overwrite: bool) -> 
         json.dump(identity, f)
 
 
-def run_seed(out: str, budget_name: str, seed: int, overwrite: bool) -> Dict:
+def run_seed(out: str, budget_name: str, seed: int, temperature_mode: str,
+             overwrite: bool) -> Dict:
     run = os.path.join(out, f"seed_{seed}")
-    check_run_folder(run, budget_name, seed, overwrite)
+    check_run_folder(run, budget_name, seed, temperature_mode, overwrite)
     world = os.path.join(run, "world")
     commands = stages(run, world, BUDGETS[budget_name], seed)
     weights = {name: WEIGHTS.get(name.split("_")[0], 1) for name in commands}
-    seconds = {}
+    seconds, temperature = {}, None
     with tqdm(total=sum(weights.values()), desc=f"toy world seed {seed}",
               bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}",
               file=sys.stdout) as bar:
-        for name, argv in commands.items():
+        for name in list(commands):
+            if name not in ("world", "teacher") and temperature is None:  # the teacher has run
+                temperature = (teacher_temperature(f"{run}/teacher/model_final.pth")
+                               if temperature_mode == "teacher" else 0.01)
+                commands = stages(run, world, BUDGETS[budget_name], seed, temperature)
             bar.set_postfix_str(name)
-            seconds[name] = run_stage(name, argv, run)
+            seconds[name] = run_stage(name, commands[name], run)
             bar.update(weights[name])
     report = measure(run, world, seed, seconds)
+    report["temperature"] = temperature
     write_report(run, report, seconds, {k: "python " + " ".join(v) for k, v in commands.items()},
                  {stage: loss_curve(f"{run}/{stage}") for stage in ("teacher", "rpn", "student",
                                                                     "transfer_from_student")})
@@ -235,7 +263,8 @@ def measure(run: str, world: str, seed: int, seconds: Dict[str, float]) -> Dict:
 def main(argv=None) -> Dict:
     args = parse_args(argv)
     out = os.path.abspath(args.out)
-    reports = [run_seed(out, args.budget, seed, args.overwrite) for seed in args.seeds]
+    reports = [run_seed(out, args.budget, seed, args.temperature, args.overwrite)
+               for seed in args.seeds]
     summary = summarize(reports)
     with atomic_open(os.path.join(out, "report.json"), "w") as f:
         json.dump({**pick(summary, "mean"), "spread": pick(summary, "spread"),

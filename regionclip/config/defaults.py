@@ -149,6 +149,9 @@ _C.MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH = ""  # test-time class embeddings ("" 
 # Embedding width D; 0 = derived from the variant (1024 RN50, 640 RN50x4), else must match.
 _C.MODEL.CLIP.TEXT_EMB_DIM = 0
 _C.MODEL.CLIP.CLSS_TEMP = 0.01  # logit temperature of the classifier and pretraining losses
+# Temperature of the teacher's pseudo-label distributions (the original hard-codes 0.01, OpenAI
+# CLIP's learnt temperature); a teacher trained elsewhere has its own: 1 / exp(logit_scale).
+_C.MODEL.CLIP.TEACHER_TEMP = 0.01
 _C.MODEL.CLIP.NO_BOX_DELTA = False  # keep proposal boxes at test time (forced by GT regions)
 # Background loss weight. 1.0 = the original's None: all-ones class weights reproduce plain CE.
 _C.MODEL.CLIP.BG_CLS_LOSS_WEIGHT = 1.0

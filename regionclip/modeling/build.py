@@ -192,6 +192,7 @@ def build_pretrain_fast_rcnn(cfg) -> PretrainFastRCNN:
         sample_regions=clip.PRETRAIN_SAMPLE_REGIONS,
         concept_thres=clip.CONCEPT_THRES,
         temperature=clip.CLSS_TEMP,
+        teacher_temperature=clip.TEACHER_TEMP,
         gather=clip.GATHER_GPUS,
         **parts,
     )

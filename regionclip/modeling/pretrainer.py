@@ -16,6 +16,7 @@ from ..structures import ImageList
 from .clip_resnet import CLIPResNet
 from .pretrain_losses import (
     DEFAULT_TEMPERATURE,
+    TEACHER_TEMPERATURE,
     image_text_contrastive,
     pseudo_concept_labels,
     region_concept_contrastive,
@@ -75,6 +76,8 @@ class PretrainFastRCNN(nn.Module):
         sample_regions: proposals kept per image, chosen at random (0 = all).
         concept_thres: teacher probability a region's best concept must exceed.
         temperature: of the three losses (MODEL.CLIP.CLSS_TEMP).
+        teacher_temperature: of the teacher's pseudo-label distributions
+            (MODEL.CLIP.TEACHER_TEMP).
         gather: all-gather image and caption embeddings across processes.
     """
 
@@ -97,6 +100,7 @@ class PretrainFastRCNN(nn.Module):
         sample_regions: int = 0,
         concept_thres: float = 0.0,
         temperature: float = DEFAULT_TEMPERATURE,
+        teacher_temperature: float = TEACHER_TEMPERATURE,
         gather: bool = False,
     ):
         super().__init__()
@@ -118,6 +122,7 @@ class PretrainFastRCNN(nn.Module):
         self.sample_regions = sample_regions
         self.concept_thres = concept_thres
         self.temperature = temperature
+        self.teacher_temperature = teacher_temperature
         self.gather = gather
 
     @property
@@ -171,7 +176,8 @@ class PretrainFastRCNN(nn.Module):
             teacher_res4 = self.teacher_backbone(normalized)["res4"]
             teacher = self.teacher_backbone.embed_regions(teacher_res4, boxes,
                                                           self.teacher_pooler_resolution)
-        labels = pseudo_concept_labels(teacher, self.teacher_concept_emb, self.concept_thres)
+        labels = pseudo_concept_labels(teacher, self.teacher_concept_emb, self.concept_thres,
+                                       self.teacher_temperature)
         region = F.normalize(student[labels.keep].float(), dim=1)
         concepts = F.normalize(self.concept_emb.float(), dim=1)
         losses = {}

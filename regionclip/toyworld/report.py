@@ -128,7 +128,10 @@ def write_report(out: str, report: Dict, stage_seconds: Dict[str, float],
                      for name, ok in report["claims"].items())
     times = "\n".join(f"| {name} | {seconds:.0f} |" for name, seconds in stage_seconds.items())
     cmds = "\n".join(f"# {name}\n{command}\n" for name, command in commands.items())
+    temperature = (f"Temperature after the teacher stage: {report['temperature']:.4g}.\n\n"
+                   if report.get("temperature") else "")
     text = (f"# Toy world report (seed {report['seed']})\n\n{markdown_table(report)}\n\n"
+            f"{temperature}"
             f"## Claims\n\n{held}\n\n## Stage times (s)\n\n| stage | seconds |\n|---|---|\n"
             f"{times}\n| total | {report['seconds']:.0f} |\n\n"
             + (f"![loss curves]({os.path.basename(png)})\n\n" if png else "")
