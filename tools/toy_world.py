@@ -65,8 +65,8 @@ class Budget:
 BUDGETS = {
     "full": Budget(1200, 200, 300, 4000, teacher_iters=1500, rpn_iters=300, pretrain_iters=200,
                    transfer_iters=200),
-    "quick": Budget(60, 10, 20, 160, teacher_iters=20, rpn_iters=20, pretrain_iters=5,
-                    transfer_iters=5),
+    "quick": Budget(40, 8, 12, 128, teacher_iters=10, rpn_iters=10, pretrain_iters=3,
+                    transfer_iters=3),
 }
 
 
@@ -165,8 +165,9 @@ def stages(run: str, world: str, budget: Budget, seed: int,
     return commands
 
 
-# Rough relative cost of each stage, for the ETA of the progress bar.
-WEIGHTS = {"world": 2, "teacher": 8, "rpn": 3, "student": 4, "drawings": 0.5}
+# Relative cost of each stage (minutes of the full budget on 2 cores), for the ETA of the bar.
+WEIGHTS = {"world": 1.5, "teacher": 15, "rpn": 1, "concept": 0.1, "concepts": 0.1, "student": 7.5,
+           "zero": 1, "transfer": 10.5, "drawings": 0.1}
 
 
 def _done_marker(run: str, name: str) -> str:
@@ -190,7 +191,7 @@ def run_stage(name: str, argv: List[str], run: str) -> float:
             tail = f.read().strip().splitlines()[-1:] or ["(no output)"]
         raise SystemExit(f"toy_world: stage {name} failed (exit {code}): {tail[0]} "
                          f"-- full log: {log}")
-    seconds = time.time() - start
+    seconds = round(time.time() - start, 1)  # as the marker keeps it, so resumed runs agree
     os.makedirs(os.path.dirname(marker), exist_ok=True)
     with open(marker, "w") as f:
         f.write(f"{seconds:.1f}")
@@ -226,7 +227,7 @@ def run_seed(out: str, budget_name: str, seed: int, temperature_mode: str,
     check_run_folder(run, budget_name, seed, temperature_mode, overwrite)
     world = os.path.join(run, "world")
     commands = stages(run, world, BUDGETS[budget_name], seed)
-    weights = {name: WEIGHTS.get(name.split("_")[0], 1) for name in commands}
+    weights = {name: WEIGHTS[name.split("_")[0]] for name in commands}
     seconds, temperature = {}, None
     with tqdm(total=sum(weights.values()), desc=f"toy world seed {seed}",
               bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}",
@@ -255,7 +256,7 @@ def measure(run: str, world: str, seed: int, seconds: Dict[str, float]) -> Dict:
                 ("from_student", "from_teacher", "from_student_no_focal")}
     report = {"zero_shot": zero_shot, "transfer": transfer,
               "chance_ap50": chance_ap50(f"{world}/detection/test.json", seed), "seed": seed,
-              "seconds": sum(seconds.values())}
+              "seconds": round(sum(seconds.values()), 1)}
     report["claims"] = claims(report)
     return report
 
