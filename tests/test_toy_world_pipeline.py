@@ -38,6 +38,7 @@ def test_quick_toy_world_runs_every_stage_and_resumes(tmp_path):
     numbers = _leaves(report["zero_shot"]) + _leaves(report["transfer"])
     assert all(0.0 <= v <= 100.0 for v in numbers if not math.isnan(v))
     assert 0.0 < report["chance_ap50"] < 100.0 and report["seconds"] > 0
+    assert -1.0 <= report["class_name_cosine"] <= 1.0
     seed_dir = os.path.join(out, "seed_0")
     for name in ("REPORT.md", "report.json", "loss_curves.png"):
         assert os.path.isfile(os.path.join(seed_dir, name)), name

@@ -3,10 +3,12 @@ import json
 import math
 
 import pytest
+import torch
 
 from regionclip.toyworld.report import (
     chance_ap50,
     claims,
+    class_name_cosine,
     loss_curve,
     markdown_table,
     pick,
@@ -69,9 +71,21 @@ def _report(gt_teacher, gt_student, rpn_teacher, rpn_student, novel_student, nov
                             "rpn": {"teacher": rpn_teacher, "student": rpn_student}},
               "transfer": {"from_student": run(novel_student), "from_teacher": run(novel_teacher),
                            "from_student_no_focal": run(novel_no_focal)},
-              "chance_ap50": chance, "seed": seed, "seconds": 60.0}
+              "chance_ap50": chance, "seed": seed, "seconds": 60.0, "class_name_cosine": 0.5}
     report["claims"] = claims(report)
     return report
+
+
+def test_class_name_cosine_is_the_mean_over_pairs_of_classes(tmp_path):
+    path = str(tmp_path / "names.pth")
+    # unit vectors at 0, 90 and 45 degrees (scaled): cosines 0, 1/sqrt 2, 1/sqrt 2
+    torch.save(torch.tensor([[2.0, 0.0], [0.0, 3.0], [5.0, 5.0]]), path)
+    assert class_name_cosine(path) == pytest.approx(2 / 3 * math.sqrt(0.5), abs=1e-6)
+    torch.save(torch.tensor([[1.0, 2.0], [3.0, 6.0]]), path)  # same direction: not told apart
+    assert class_name_cosine(path) == pytest.approx(1.0, abs=1e-6)
+    torch.save(torch.tensor([[1.0, 2.0]]), path)
+    with pytest.raises(ValueError, match="names.pth.*two classes"):
+        class_name_cosine(path)
 
 
 def test_claims_hold_only_when_measured_so():
@@ -102,3 +116,4 @@ def test_write_report_writes_json_markdown_and_curves(tmp_path):
     assert saved["stage_seconds"] == {"teacher": 12.0}
     text = (tmp_path / "REPORT.md").read_text()
     assert "| RPN proposals | 10.0 | nan |" in text and "python x" in text
+    assert "class-name embeddings: 0.500" in text

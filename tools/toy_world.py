@@ -36,6 +36,7 @@ from regionclip.checkpoint import read_state_dict
 from regionclip.toyworld.report import (
     chance_ap50,
     claims,
+    class_name_cosine,
     loss_curve,
     markdown_table,
     pick,
@@ -256,6 +257,7 @@ def measure(run: str, world: str, seed: int, seconds: Dict[str, float]) -> Dict:
                 ("from_student", "from_teacher", "from_student_no_focal")}
     report = {"zero_shot": zero_shot, "transfer": transfer,
               "chance_ap50": chance_ap50(f"{world}/detection/test.json", seed), "seed": seed,
+              "class_name_cosine": class_name_cosine(f"{run}/concepts/classes_all.pth"),
               "seconds": round(sum(seconds.values()), 1)}
     report["claims"] = claims(report)
     return report

@@ -15,6 +15,7 @@ import numpy as np
 from ..atomic import atomic_open
 from ..data.coco import load_coco_api
 from ..evaluation.coco import ovd_split_ap50, run_coco_eval
+from ..modeling.text_encoder import load_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,17 @@ def chance_ap50(test_json: str, seed: int = 0) -> float:
     coco_eval = run_coco_eval(coco_gt, results, "bbox")
     novel = {c["id"] for c in coco_gt.dataset["categories"] if c.get("split") == "unseen"}
     return ovd_split_ap50(coco_eval, novel, set(cat_ids) - novel)["AP50_all"]
+
+
+def class_name_cosine(embedding_file: str) -> float:
+    """Mean cosine between the text embeddings of different classes. Near 1, the text tower
+    does not tell the class names apart, and no later stage can separate those classes."""
+    rows = load_embeddings(embedding_file)
+    rows = rows / rows.norm(dim=1, keepdim=True)
+    count = len(rows)
+    if count < 2:
+        raise ValueError(f"{embedding_file}: class-name cosine needs two classes, got {count}")
+    return float(((rows @ rows.t()).sum() - rows.pow(2).sum()) / (count * (count - 1)))
 
 
 def loss_curve(output_dir: str, key: str = "total_loss") -> List[List[float]]:
@@ -84,7 +96,7 @@ def summarize(reports: Sequence[Dict]) -> Dict:
             return {"held": sum(values), "of": len(values)}
         array = np.asarray(values, dtype=float)
         return {"mean": float(array.mean()), "spread": float((array.max() - array.min()) / 2)}
-    keys = ("zero_shot", "transfer", "chance_ap50", "claims", "seconds")
+    keys = ("zero_shot", "transfer", "chance_ap50", "class_name_cosine", "claims", "seconds")
     return {k: walk([r[k] for r in reports]) for k in keys}
 
 
@@ -130,6 +142,10 @@ def write_report(out: str, report: Dict, stage_seconds: Dict[str, float],
     cmds = "\n".join(f"# {name}\n{command}\n" for name, command in commands.items())
     temperature = (f"Temperature after the teacher stage: {report['temperature']:.4g}.\n\n"
                    if report.get("temperature") else "")
+    if "class_name_cosine" in report:
+        temperature += (f"Mean cosine between the teacher's class-name embeddings: "
+                        f"{report['class_name_cosine']:.3f} (near 1: the names are not told "
+                        f"apart).\n\n")
     text = (f"# Toy world report (seed {report['seed']})\n\n{markdown_table(report)}\n\n"
             f"{temperature}"
             f"## Claims\n\n{held}\n\n## Stage times (s)\n\n| stage | seconds |\n|---|---|\n"
