@@ -21,7 +21,10 @@ def atomic_open(path, mode: str = "wb", **kwargs):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(error, OSError) and path not in str(error):  # say which file failed
+            raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") \
+                from error
         raise

@@ -5,6 +5,7 @@ A user error reaches the command line as its cause, once, first, without a trace
 text cache only costs a warning; an output that cannot be written stops a run before its work.
 Folders that cannot be written even by root are taken from /sys.
 """
+import errno
 import logging
 import os
 import subprocess
@@ -150,6 +151,29 @@ def test_torch_save_errors_are_one_line(weights, tmp_path, capsys, read_only):
     assert main(argv) == 1
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and out in error, error
+
+
+def test_a_full_disk_while_saving_is_one_line_and_leaves_no_file(weights, tmp_path, capsys,
+                                                                 monkeypatch):
+    import torch
+
+    def full_disk(obj, f, *args, **kwargs):  # writes part of the file, then the disk is full
+        with open(f, "wb") if isinstance(f, (str, os.PathLike)) else f as stream:
+            stream.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    Image.new("RGB", (80, 60)).save(tmp_path / "scene.png")
+    monkeypatch.setattr(torch, "save", full_disk)
+    argv = ["embed", str(tmp_path / "scene.png"), "--boxes", "0,0,20,20", "--weights",
+            weights, "--out", str(folder / "regions.pth"), "--variant", "tiny", "--config",
+            TINY_CONFIG, "--rpn-config", TINY_RPN_CONFIG, "--device", "cpu", "--quiet"]
+    assert main(argv) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.count("error:") == 1 and "No space left on device" in error, error
+    assert f"cannot write {folder / 'regions.pth'}" in error
+    assert os.listdir(folder) == []  # neither the output nor a temporary is left
 
 
 @pytest.mark.slow
