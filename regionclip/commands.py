@@ -181,6 +181,11 @@ def run_detect(args) -> None:
     write_json_atomic(document, args.out)
     logger.info("Wrote %d detections in %d images to %s", len(document["annotations"]),
                 len(paths), args.out)
+    if not document["annotations"]:
+        logger.warning("No region scored above the score threshold. Where the model fuses RPN "
+                       "objectness (MODEL.CLIP.MULTIPLY_RPN_SCORE), a region whose objectness "
+                       "logit is negative is dropped: check the RPN weights, or lower "
+                       "--score-threshold")
     if args.vis:
         draw_all(document, args.vis, args.vis_threshold, progress=not args.quiet)
         logger.info("Drew the detections into %s", args.vis)

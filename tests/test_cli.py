@@ -53,6 +53,18 @@ def detect_args(weights, images, out, *extra, classes=",".join(CLASSES)):
             "--score-threshold", "0", *MODEL_ARGS, *extra]
 
 
+def test_detect_says_why_when_no_region_passes_the_threshold(weights, tmp_path, capsys):
+    write_mixed_images(tmp_path / "images")
+    out = tmp_path / "results.json"
+    assert main(detect_args(weights, [str(tmp_path / "images")], out,
+                            "--score-threshold", "1e9")) == 0
+    assert json.loads(out.read_text())["annotations"] == []
+    assert "No region scored above the score threshold" in capsys.readouterr().err
+    assert main(detect_args(weights, [str(tmp_path / "images")], out)) == 0
+    assert json.loads(out.read_text())["annotations"]
+    assert "No region scored" not in capsys.readouterr().err
+
+
 def test_detect_round_trip_on_mixed_sizes_and_formats(weights, tmp_path):
     paths = write_mixed_images(tmp_path / "images")
     other = tmp_path / "more" / "rgb.jpg"  # same file name as an image of the folder
