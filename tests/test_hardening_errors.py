@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from _api_utils import CLASSES, TINY_CONFIG, TINY_RPN_CONFIG, save_pretrained
 from PIL import Image
 
@@ -155,8 +156,6 @@ def test_torch_save_errors_are_one_line(weights, tmp_path, capsys, read_only):
 
 def test_a_full_disk_while_saving_is_one_line_and_leaves_no_file(weights, tmp_path, capsys,
                                                                  monkeypatch):
-    import torch
-
     def full_disk(obj, f, *args, **kwargs):  # writes part of the file, then the disk is full
         with open(f, "wb") if isinstance(f, (str, os.PathLike)) else f as stream:
             stream.write(b"partial")

@@ -11,6 +11,8 @@ import os
 from typing import Dict, List, Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from ..atomic import atomic_open
 from ..data.coco import load_coco_api
@@ -50,12 +52,12 @@ def chance_ap50(test_json: str, seed: int = 0) -> float:
 def class_name_cosine(embedding_file: str) -> float:
     """Mean cosine between the text embeddings of different classes. Near 1, the text tower
     does not tell the class names apart, and no later stage can separate those classes."""
-    rows = load_embeddings(embedding_file)
-    rows = rows / rows.norm(dim=1, keepdim=True)
-    count = len(rows)
-    if count < 2:
-        raise ValueError(f"{embedding_file}: class-name cosine needs two classes, got {count}")
-    return float(((rows @ rows.t()).sum() - rows.pow(2).sum()) / (count * (count - 1)))
+    rows = F.normalize(load_embeddings(embedding_file), dim=1)
+    if len(rows) < 2:
+        raise ValueError(f"{embedding_file}: class-name cosine needs two classes, "
+                         f"got {len(rows)}")
+    different = ~torch.eye(len(rows), dtype=torch.bool)
+    return float((rows @ rows.t())[different].mean())
 
 
 def loss_curve(output_dir: str, key: str = "total_loss") -> List[List[float]]:
@@ -140,14 +142,14 @@ def write_report(out: str, report: Dict, stage_seconds: Dict[str, float],
                      for name, ok in report["claims"].items())
     times = "\n".join(f"| {name} | {seconds:.0f} |" for name, seconds in stage_seconds.items())
     cmds = "\n".join(f"# {name}\n{command}\n" for name, command in commands.items())
-    temperature = (f"Temperature after the teacher stage: {report['temperature']:.4g}.\n\n"
-                   if report.get("temperature") else "")
+    teacher = (f"Temperature after the teacher stage: {report['temperature']:.4g}.\n\n"
+               if report.get("temperature") else "")
     if "class_name_cosine" in report:
-        temperature += (f"Mean cosine between the teacher's class-name embeddings: "
-                        f"{report['class_name_cosine']:.3f} (near 1: the names are not told "
-                        f"apart).\n\n")
+        teacher += (f"Mean cosine between the teacher's class-name embeddings: "
+                    f"{report['class_name_cosine']:.3f} (near 1: the names are not told "
+                    f"apart).\n\n")
     text = (f"# Toy world report (seed {report['seed']})\n\n{markdown_table(report)}\n\n"
-            f"{temperature}"
+            f"{teacher}"
             f"## Claims\n\n{held}\n\n## Stage times (s)\n\n| stage | seconds |\n|---|---|\n"
             f"{times}\n| total | {report['seconds']:.0f} |\n\n"
             + (f"![loss curves]({os.path.basename(png)})\n\n" if png else "")
