@@ -4,6 +4,7 @@ import os
 import random
 import re
 
+import cv2
 import numpy as np
 import pytest
 
@@ -13,9 +14,9 @@ from regionclip.evaluation import build_evaluator
 from regionclip.toyworld import BASE_NAMES, CATEGORY_NAMES, NOVEL_NAMES, WorldSizes, draw_scene
 from regionclip.toyworld.categories import category_id
 from regionclip.toyworld.scene import MIN_PIXELS, SceneSpec
-from regionclip.toyworld.writer import SPLITS, scene_rng, write_world
+from regionclip.toyworld.writer import SPLITS, WEB_SCENE, scene_rng, write_world
 
-SIZES = WorldSizes(train=12, val=6, test=8, pretrain=40)
+SIZES = WorldSizes(train=12, val=6, test=8, pretrain=40, web=30)
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +135,21 @@ def test_captions_load_through_jsonl_source_and_are_weak_supervision(world):
              for i in range(SIZES.pretrain)]
     assert any(not kinds <= caption for kinds, s in zip(shown, samples)
                for caption in map(_words, s.captions))
+
+
+def test_web_corpus_is_object_centric_pairs_of_its_own(world):
+    """The teacher's corpus: 1-2 large objects per image, captioned, not a pretrain copy."""
+    source = JsonlSource(os.path.join(world, "web"))
+    assert len(source) == SIZES.web
+    scenes = [draw_scene(scene_rng(3, "web", i), WEB_SCENE) for i in range(SIZES.web)]
+    assert all(1 <= len(s.objects) <= 2 for s in scenes)
+    assert all(o.size >= WEB_SCENE.min_scale for s in scenes for o in s.objects)
+    first = cv2.imread(source.read(0, random.Random(0)).image)[:, :, ::-1]
+    assert first.shape == scenes[0].image.shape  # the files are these scenes
+    texts = [c for i in range(len(source)) for c in source.read(i, random.Random(0)).captions]
+    assert all(any(name in text for name in CATEGORY_NAMES) for text in texts)
+    pretrain = JsonlSource(os.path.join(world, "pretrain")).read(0, random.Random(0))
+    assert source.read(0, random.Random(0)).captions != pretrain.captions
 
 
 def test_evaluator_reports_novel_base_all_ap50(world, tmp_path):

@@ -6,7 +6,7 @@
 The same seed and sizes give the same files. See ``regionclip/toyworld/writer.py`` for the
 layout; the detection splits are read as ``coco_json:<json>:<image folder>`` datasets and the
 pairs as ``DATASETS.FACTORY_TRAIN ("ImageCaptionJsonl",)`` with ``PATH_TRAIN`` the
-``pretrain`` folder.
+``pretrain`` folder (RegionCLIP pretraining) or the ``web`` folder (the CLIP teacher).
 """
 import argparse
 import logging
@@ -24,7 +24,7 @@ def parse_args(argv=None):
     defaults, scene = WorldSizes(), SceneSpec()
     parser.add_argument("--out", required=True, help="folder to create")
     parser.add_argument("--seed", type=int, default=0)
-    for split in ("train", "val", "test", "pretrain"):
+    for split in ("train", "val", "test", "pretrain", "web"):
         parser.add_argument(f"--{split}", type=int, default=getattr(defaults, split),
                             help=f"number of {split} images (default %(default)s)")
     parser.add_argument("--min-side", type=int, default=scene.min_side)
@@ -36,7 +36,7 @@ def parse_args(argv=None):
 def main(argv=None) -> str:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    sizes = WorldSizes(args.train, args.val, args.test, args.pretrain)
+    sizes = WorldSizes(args.train, args.val, args.test, args.pretrain, args.web)
     spec = SceneSpec(min_side=args.min_side, max_side=args.max_side)
     out = write_world(args.out, args.seed, sizes, spec, overwrite=args.overwrite)
     logger.info("Wrote the toy world (seed %d, %s) to %s", args.seed, sizes, out)

@@ -9,6 +9,15 @@ Layout (``out`` is the world's folder)::
     detection/{val,test}.json   COCO json: all categories, all boxes
     pretrain/images/000001.jpg ...
     pretrain/captions.jsonl     {"file_name", "captions"} per line (``JsonlSource``)
+    web/images/000001.jpg ...   the teacher's corpus, same layout as ``pretrain``
+    web/captions.jsonl
+
+``pretrain`` stands for CC3M: scenes like the detection splits, for RegionCLIP pretraining.
+``web`` stands for the corpus OpenAI CLIP was trained on (a different and far larger one than
+CC3M): object-centric images of one or two large objects (:data:`WEB_SCENE`), captioned the
+same way. It gives the from-scratch teacher what RegionCLIP assumes of CLIP, the names of
+things seen in whole images, at a scale 2 CPU cores can train, while leaving it the gap the
+paper targets: small objects among others, and image regions instead of whole images.
 
 Categories carry ``"split": "seen"`` (base) or ``"unseen"`` (novel), as in OVR-CNN's OV-COCO
 files, which is how the dataset catalog finds a COCO json's novel/base split. Novel objects are
@@ -32,7 +41,7 @@ from .categories import CATEGORY_NAMES, NOVEL_NAMES, category_id
 from .scene import Scene, SceneSpec, draw_scene
 
 SPLITS = ("train", "val", "test")
-_STREAMS = {"train": 1, "val": 2, "test": 3, "pretrain": 4}
+_STREAMS = {"train": 1, "val": 2, "test": 3, "pretrain": 4, "web": 5}
 JPEG_QUALITY = 92
 WORLD_FILE = "world.json"
 CAPTIONS_PER_IMAGE = 3
@@ -43,12 +52,18 @@ OTHER_NOUNS = ("picture", "illustration", "drawing", "photo", "icons", "art", "i
 
 @dataclass(frozen=True)
 class WorldSizes:
-    """Images per split; ``pretrain`` is the number of image-caption pairs."""
+    """Images per split; ``pretrain`` and ``web`` are numbers of image-caption pairs."""
 
     train: int = 1200
     val: int = 200
     test: int = 300
     pretrain: int = 4000
+    web: int = 4000
+
+
+# The teacher's corpus: iconic images, as much of the web's image-text data is.
+WEB_SCENE = SceneSpec(min_side=128, max_side=192, min_objects=1, max_objects=2,
+                      min_scale=0.35, max_scale=0.65, clutter=(0, 4))
 
 
 def scene_rng(seed: int, stream: str, index: int) -> np.random.Generator:
@@ -105,19 +120,20 @@ def _write_detection_split(root: str, split: str, count: int, seed: int, spec: S
                  "images": images, "annotations": annotations, "categories": categories})
 
 
-def _write_pretrain(root: str, count: int, seed: int, spec: SceneSpec, progress) -> None:
-    folder = os.path.join(root, "pretrain", "images")
-    os.makedirs(folder)
+def _write_pairs(root: str, corpus: str, count: int, seed: int, spec: SceneSpec,
+                 progress) -> None:
+    """Image-caption pairs of ``corpus`` ("pretrain" or "web") in ``root/corpus``."""
+    os.makedirs(os.path.join(root, corpus, "images"))
     lines = []
     for index in range(count):
-        rng = scene_rng(seed, "pretrain", index)
+        rng = scene_rng(seed, corpus, index)
         scene = draw_scene(rng, spec)
         file_name = f"images/{index + 1:06d}.jpg"
-        _write_jpeg(os.path.join(root, "pretrain", file_name), scene.image)
+        _write_jpeg(os.path.join(root, corpus, file_name), scene.image)
         entry = {"file_name": file_name, "captions": captions(scene, rng, CAPTIONS_PER_IMAGE)}
         lines.append(json.dumps(entry) + "\n")
         progress.update()
-    with open(os.path.join(root, "pretrain", "captions.jsonl"), "w") as f:
+    with open(os.path.join(root, corpus, "captions.jsonl"), "w") as f:
         f.writelines(lines)
 
 
@@ -129,7 +145,8 @@ def _write_json(path: str, data) -> None:
 def write_world(out: str, seed: int = 0, sizes: WorldSizes = WorldSizes(),
                 spec: SceneSpec = SceneSpec(), overwrite: bool = False,
                 show_progress: bool = True) -> str:
-    """Generate the world into folder ``out``; returns ``out``.
+    """Generate the world into folder ``out``; returns ``out``. ``spec`` shapes the detection
+    and ``pretrain`` scenes; the ``web`` corpus always uses :data:`WEB_SCENE`.
 
     An existing ``out`` is an error unless ``overwrite``; it is replaced only once the new
     world is complete.
@@ -144,7 +161,8 @@ def write_world(out: str, seed: int = 0, sizes: WorldSizes = WorldSizes(),
         with tqdm(total=total, desc="toy world", unit="img", disable=not show_progress) as bar:
             for split in SPLITS:
                 _write_detection_split(tmp, split, getattr(sizes, split), seed, spec, bar)
-            _write_pretrain(tmp, sizes.pretrain, seed, spec, bar)
+            _write_pairs(tmp, "pretrain", sizes.pretrain, seed, spec, bar)
+            _write_pairs(tmp, "web", sizes.web, seed, WEB_SCENE, bar)
         with open(os.path.join(tmp, "vocabulary.txt"), "w") as f:
             f.writelines(f"{name}\n" for name in CATEGORY_NAMES + OTHER_NOUNS)
         _write_json(os.path.join(tmp, WORLD_FILE), _world_info(seed, sizes, spec))
@@ -160,9 +178,10 @@ def write_world(out: str, seed: int = 0, sizes: WorldSizes = WorldSizes(),
 def _world_info(seed: int, sizes: WorldSizes, spec: SceneSpec) -> Dict:
     return {
         "seed": seed, "sizes": asdict(sizes), "scene": asdict(spec),
+        "web_scene": asdict(WEB_SCENE),
         "categories": category_dicts(),
         "files": {
             **{f"detection_{s}": [f"detection/{s}.json", f"detection/{s}"] for s in SPLITS},
-            "pretrain": "pretrain", "vocabulary": "vocabulary.txt",
+            "pretrain": "pretrain", "web": "web", "vocabulary": "vocabulary.txt",
         },
     }
