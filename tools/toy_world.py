@@ -57,6 +57,8 @@ class Budget:
     val: int
     test: int
     pretrain: int
+    web: int
+    teacher_batch: int
     teacher_iters: int
     rpn_iters: int
     pretrain_iters: int
@@ -64,10 +66,10 @@ class Budget:
 
 
 BUDGETS = {
-    "full": Budget(1200, 200, 300, 4000, teacher_iters=1500, rpn_iters=300, pretrain_iters=200,
-                   transfer_iters=200),
-    "quick": Budget(40, 8, 12, 128, teacher_iters=10, rpn_iters=10, pretrain_iters=3,
-                    transfer_iters=3),
+    "full": Budget(1200, 200, 300, 4000, 4000, teacher_batch=256, teacher_iters=375,
+                   rpn_iters=300, pretrain_iters=200, transfer_iters=200),
+    "quick": Budget(40, 8, 12, 128, 128, teacher_batch=32, teacher_iters=10, rpn_iters=10,
+                    pretrain_iters=3, transfer_iters=3),
 }
 
 
@@ -113,8 +115,10 @@ def stages(run: str, world: str, budget: Budget, seed: int,
     commands = {
         "world": [os.path.join(ROOT, "tools", "make_toy_world.py"), "--out", world, "--seed",
                   str(seed)] + sum(([f"--{k}", str(getattr(budget, k))] for k in
-                                    ("train", "val", "test", "pretrain")), []),
-        "teacher": train_net + ["--config-file", f"{CONFIGS}/clip_teacher.yaml", *pairs,
+                                    ("train", "val", "test", "pretrain", "web")), []),
+        "teacher": train_net + ["--config-file", f"{CONFIGS}/clip_teacher.yaml",
+                                "DATASETS.PATH_TRAIN", _tuple(f"{world}/web"), "SEED", str(seed),
+                                "SOLVER.IMS_PER_BATCH", str(budget.teacher_batch),
                                 *_iters(budget.teacher_iters), "OUTPUT_DIR", f"{run}/teacher"],
         "rpn": train_net + ["--config-file", f"{CONFIGS}/rpn.yaml", "DATASETS.TRAIN",
                             _tuple(det["train"]), "DATASETS.TEST", _tuple(det["test"]),
