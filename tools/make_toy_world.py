@@ -11,6 +11,7 @@ pairs as ``DATASETS.FACTORY_TRAIN ("ImageCaptionJsonl",)`` with ``PATH_TRAIN`` t
 import argparse
 import logging
 import sys
+from dataclasses import fields
 
 from regionclip.engine.defaults import run_tool
 from regionclip.toyworld import SceneSpec, WorldSizes, write_world
@@ -24,7 +25,7 @@ def parse_args(argv=None):
     defaults, scene = WorldSizes(), SceneSpec()
     parser.add_argument("--out", required=True, help="folder to create")
     parser.add_argument("--seed", type=int, default=0)
-    for split in ("train", "val", "test", "pretrain", "web"):
+    for split in (f.name for f in fields(WorldSizes)):
         parser.add_argument(f"--{split}", type=int, default=getattr(defaults, split),
                             help=f"number of {split} images (default %(default)s)")
     parser.add_argument("--min-side", type=int, default=scene.min_side)
@@ -36,7 +37,7 @@ def parse_args(argv=None):
 def main(argv=None) -> str:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    sizes = WorldSizes(args.train, args.val, args.test, args.pretrain, args.web)
+    sizes = WorldSizes(**{f.name: getattr(args, f.name) for f in fields(WorldSizes)})
     spec = SceneSpec(min_side=args.min_side, max_side=args.max_side)
     out = write_world(args.out, args.seed, sizes, spec, overwrite=args.overwrite)
     logger.info("Wrote the toy world (seed %d, %s) to %s", args.seed, sizes, out)

@@ -26,13 +26,14 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Dict, List
 
 from tqdm import tqdm
 
 from regionclip.atomic import atomic_open
 from regionclip.checkpoint import read_state_dict
+from regionclip.toyworld import WorldSizes
 from regionclip.toyworld.report import (
     chance_ap50,
     claims,
@@ -115,7 +116,7 @@ def stages(run: str, world: str, budget: Budget, seed: int,
     commands = {
         "world": [os.path.join(ROOT, "tools", "make_toy_world.py"), "--out", world, "--seed",
                   str(seed)] + sum(([f"--{k}", str(getattr(budget, k))] for k in
-                                    ("train", "val", "test", "pretrain", "web")), []),
+                                    (f.name for f in fields(WorldSizes))), []),
         "teacher": train_net + ["--config-file", f"{CONFIGS}/clip_teacher.yaml",
                                 "DATASETS.PATH_TRAIN", _tuple(f"{world}/web"), "SEED", str(seed),
                                 "SOLVER.IMS_PER_BATCH", str(budget.teacher_batch),
