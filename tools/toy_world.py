@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Dict, List
 
 from tqdm import tqdm
@@ -54,11 +54,7 @@ CONFIGS = os.path.join(ROOT, "configs", "toyworld")
 class Budget:
     """World sizes and training iterations of one run."""
 
-    train: int
-    val: int
-    test: int
-    pretrain: int
-    web: int
+    world: WorldSizes
     teacher_batch: int
     teacher_iters: int
     rpn_iters: int
@@ -67,10 +63,10 @@ class Budget:
 
 
 BUDGETS = {
-    "full": Budget(1200, 200, 300, 4000, 4000, teacher_batch=256, teacher_iters=375,
-                   rpn_iters=300, pretrain_iters=200, transfer_iters=200),
-    "quick": Budget(40, 8, 12, 128, 128, teacher_batch=32, teacher_iters=10, rpn_iters=10,
-                    pretrain_iters=3, transfer_iters=3),
+    "full": Budget(WorldSizes(1200, 200, 300, 4000, 4000), teacher_batch=256,
+                   teacher_iters=375, rpn_iters=300, pretrain_iters=200, transfer_iters=200),
+    "quick": Budget(WorldSizes(40, 8, 12, 128, 128), teacher_batch=32, teacher_iters=10,
+                    rpn_iters=10, pretrain_iters=3, transfer_iters=3),
 }
 
 
@@ -115,8 +111,8 @@ def stages(run: str, world: str, budget: Budget, seed: int,
             f"{temperature:.6g}"]
     commands = {
         "world": [os.path.join(ROOT, "tools", "make_toy_world.py"), "--out", world, "--seed",
-                  str(seed)] + sum(([f"--{k}", str(getattr(budget, k))] for k in
-                                    (f.name for f in fields(WorldSizes))), []),
+                  str(seed)] + sum(([f"--{k}", str(n)] for k, n in
+                                    asdict(budget.world).items()), []),
         "teacher": train_net + ["--config-file", f"{CONFIGS}/clip_teacher.yaml",
                                 "DATASETS.PATH_TRAIN", _tuple(f"{world}/web"), "SEED", str(seed),
                                 "SOLVER.IMS_PER_BATCH", str(budget.teacher_batch),
