@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from _tool_utils import load_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "toy_world.py")
@@ -52,3 +53,25 @@ def test_quick_toy_world_runs_every_stage_and_resumes(tmp_path):
 
     mixed = _run("--out", out, "--budget", "full")
     assert mixed.returncode != 0 and "--overwrite" in mixed.stderr
+
+
+def test_run_folder_refuses_a_run_made_with_other_configs(tmp_path, monkeypatch):
+    """A run folder keeps the settings and a hash of the configs it was trained with; a call with
+    other configs (an edited YAML, a newer checkout) must not continue it silently."""
+    toy_world = load_tool("toy_world")
+    configs = tmp_path / "configs"
+    (configs / "toyworld").mkdir(parents=True)
+    (configs / "Base-RCNN-C4.yaml").write_text("MODEL:\n  MASK_ON: False\n")
+    (configs / "toyworld" / "rpn.yaml").write_text("SOLVER:\n  BASE_LR: 0.02\n")
+    monkeypatch.setattr(toy_world, "ROOT", str(tmp_path))
+    monkeypatch.setattr(toy_world, "CONFIGS", str(configs / "toyworld"))
+    run = str(tmp_path / "out" / "seed_0")
+
+    toy_world.check_run_folder(run, "quick", 0, "teacher", overwrite=False)
+    toy_world.check_run_folder(run, "quick", 0, "teacher", overwrite=False)  # same: continues
+    (configs / "toyworld" / "rpn.yaml").write_text("SOLVER:\n  BASE_LR: 0.01\n")
+    with pytest.raises(SystemExit, match="--overwrite"):
+        toy_world.check_run_folder(run, "quick", 0, "teacher", overwrite=False)
+    toy_world.check_run_folder(run, "quick", 0, "teacher", overwrite=True)
+    assert json.load(open(os.path.join(run, "pipeline.json")))["configs"] == \
+        toy_world.configs_fingerprint()

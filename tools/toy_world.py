@@ -19,6 +19,8 @@ default) uses the toy teacher's own learnt temperature in its place for every st
 teacher; ``--temperature paper`` keeps 0.01.
 """
 import argparse
+import glob
+import hashlib
 import json
 import math
 import os
@@ -200,11 +202,22 @@ def run_stage(name: str, argv: List[str], run: str) -> float:
     return seconds
 
 
+def configs_fingerprint() -> str:
+    """A hash of the YAML files the stages read, so that a run folder trained with other configs
+    (an older checkout, an edited config) is not silently continued."""
+    digest = hashlib.sha256()
+    for path in sorted(glob.glob(f"{CONFIGS}/*.yaml")) + [f"{ROOT}/configs/Base-RCNN-C4.yaml"]:
+        digest.update(os.path.relpath(path, ROOT).encode())
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 def check_run_folder(run: str, budget_name: str, seed: int, temperature: str,
                      overwrite: bool) -> None:
-    """Refuse to mix runs: ``run`` must be new, or hold a run of the same settings."""
+    """Refuse to mix runs: ``run`` must be new, or hold a run of the same settings and configs."""
     identity = {"budget": budget_name, "seed": seed, "temperature": temperature,
-                "sizes": asdict(BUDGETS[budget_name])}
+                "sizes": asdict(BUDGETS[budget_name]), "configs": configs_fingerprint()}
     path = os.path.join(run, "pipeline.json")
     if overwrite and os.path.exists(run):
         shutil.rmtree(run)
