@@ -3,6 +3,7 @@
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from regionclip.engine.solver import (
     lr_multiplier,
     optimizer_param_groups,
 )
-from regionclip.engine.trainer import last_checkpoint_path
+from regionclip.engine.trainer import last_checkpoint_path, release_freed_heap
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -371,3 +372,20 @@ def test_train_net_trains_evaluates_and_resumes(tmp_path):
                            "MODEL.WEIGHTS", str(tmp_path / "straight" / "model_final.pth"),
                            "DATASETS.TEST", dataset, "OUTPUT_DIR", str(tmp_path / "eval")])
     assert evaluated == straight
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap")
+def test_release_freed_heap_returns_fragmented_pages_to_the_os():
+    """Freed tensors below glibc's mmap threshold stay resident while live ones sit between
+    them; the trainer's per-step release hands those pages back."""
+    def resident_mb():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    freed, pinned = [], []
+    for i in range(1600):  # 1600 x ~60 KB = ~94 MB
+        freed.append(torch.ones(15 * 1024 + i))
+        pinned.append(torch.ones(16))
+    del freed
+    before = resident_mb()
+    release_freed_heap()
+    assert before - resident_mb() > 50, "fewer than 50 of the ~94 MB freed were returned"
