@@ -101,6 +101,12 @@ def make_coco_dataset(root, num_images=3, categories=DEFAULT_COCO_CATEGORIES,
     return _write_json(os.path.join(root, json_name), content), image_dir
 
 
+def coco_json_dataset(root, num_images=3, **kwargs):
+    """``make_coco_dataset`` plus its catalog name ``coco_json:<json>:<dir>``."""
+    json_path, image_dir = make_coco_dataset(root, num_images=num_images, **kwargs)
+    return json_path, image_dir, f"coco_json:{json_path}:{image_dir}"
+
+
 def make_lvis_dataset(root, num_images=3, categories=DEFAULT_LVIS_CATEGORIES,
                       image_size=(48, 64), boxes_per_image=2, json_name="lvis_v1_val.json",
                       split_folder="val2017", seed=0):
