@@ -15,6 +15,7 @@ from torch import nn
 
 from regionclip.checkpoint import read_checkpoint
 from regionclip.config import get_cfg
+from regionclip.engine.process_state import release_freed_heap
 from regionclip.engine.solver import (
     LRMultiplier,
     auto_scale_batch,
@@ -26,7 +27,7 @@ from regionclip.engine.solver import (
     lr_multiplier,
     optimizer_param_groups,
 )
-from regionclip.engine.trainer import last_checkpoint_path, release_freed_heap
+from regionclip.engine.trainer import last_checkpoint_path
 
 REPO = Path(__file__).resolve().parents[1]
 

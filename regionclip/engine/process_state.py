@@ -1,0 +1,69 @@
+"""What a training process keeps of its own state across checkpoints, and what it gives back.
+
+Random-number states of every generator (python, numpy, torch, CUDA) are saved with each
+checkpoint and restored on resume, so that a resumed run continues the trajectory of an
+uninterrupted one; evaluations run without disturbing them. Heap memory freed by a training
+step is handed back to the operating system.
+"""
+import contextlib
+import ctypes
+import random
+import sys
+from typing import Dict
+
+import numpy as np
+import torch
+
+
+def release_freed_heap() -> None:
+    """Hand the heap pages freed by the last step back to the operating system (glibc only).
+
+    CPU tensors of shapes that change every step (images of other sizes, other numbers of
+    regions) leave glibc's heap fragmented, and it keeps the freed pages: the toy world's
+    pretraining process grew from 2.6 to 3.7 GB resident in 20 iterations, and to about 4.8 GB
+    in 200, while with this call it stayed at 2.8 GB, at no measurable cost in time.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None)  # the symbols of the running process, libc's among them
+        if hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+
+
+def capture_rng_state() -> Dict:
+    """This process's python, numpy, torch (and CUDA) generator states, as checkpoint-safe
+    values (tuples, ints, tensors: readable with ``weights_only``)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Dict) -> None:
+    random.setstate(_as_tuples(state["python"]))
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value):
+    # random.setstate needs tuples; a round trip through some serialisers yields lists
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+@contextlib.contextmanager
+def preserved_rng_state():
+    """Run a block (e.g. an evaluation) without disturbing the training's random streams."""
+    state = capture_rng_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(state)
