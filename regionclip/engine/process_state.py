@@ -19,9 +19,9 @@ def release_freed_heap() -> None:
     """Hand the heap pages freed by the last step back to the operating system (glibc only).
 
     CPU tensors of shapes that change every step (images of other sizes, other numbers of
-    regions) leave glibc's heap fragmented, and it keeps the freed pages: the toy world's
-    pretraining process grew from 2.6 to 3.7 GB resident in 20 iterations, and to about 4.8 GB
-    in 200, while with this call it stayed at 2.8 GB, at no measurable cost in time.
+    regions) leave glibc's heap fragmented, and it keeps the freed pages: 40 iterations of the
+    toy world's transfer stage peaked at 4.3 GB resident without this call, 2.3 GB with it,
+    for 3-10 % more time (the pages are faulted in again); docs/TOYWORLD.md has the figures.
     """
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None)  # the symbols of the running process, libc's among them
