@@ -14,6 +14,11 @@ from typing import Dict
 import numpy as np
 import torch
 
+# A trim takes milliseconds (tens on a large heap) and the trimmed pages must be faulted in
+# again: little after a step of half a second or more, a 10 % slowdown of the millisecond steps
+# of tiny models (the test suite), whose heaps never grow large.
+HEAP_RELEASE_MIN_STEP_S = 0.5
+
 
 def release_freed_heap() -> None:
     """Hand the heap pages freed by the last step back to the operating system (glibc only).

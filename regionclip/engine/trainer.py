@@ -36,6 +36,7 @@ from .output_dir import (
     last_evaluation,
 )
 from .process_state import (
+    HEAP_RELEASE_MIN_STEP_S,
     capture_rng_state,
     preserved_rng_state,
     release_freed_heap,
@@ -240,7 +241,7 @@ class Trainer:
         data_time = time.perf_counter() - start
         lr = self._main_lr()
         losses = self.run_step(iteration, batch)
-        if self.device_type == "cpu":
+        if self.device_type == "cpu" and time.perf_counter() - start > HEAP_RELEASE_MIN_STEP_S:
             release_freed_heap()
         self.scheduler.step()
         metrics.put(time=time.perf_counter() - start, data_time=data_time, lr=lr,
