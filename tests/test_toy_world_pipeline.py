@@ -51,13 +51,11 @@ def test_quick_toy_world_runs_every_stage_and_resumes(tmp_path):
     assert json.loads(open(os.path.join(out, "report.json")).read())["seconds"] == \
         report["seconds"]
 
-    mixed = _run("--out", out, "--budget", "full")
-    assert mixed.returncode != 0 and "--overwrite" in mixed.stderr
 
-
-def test_run_folder_refuses_a_run_made_with_other_configs(tmp_path, monkeypatch):
+def test_run_folder_refuses_a_run_made_with_other_settings(tmp_path, monkeypatch):
     """A run folder keeps the settings and a hash of the configs it was trained with; a call with
-    other configs (an edited YAML, a newer checkout) must not continue it silently."""
+    another budget, seed or temperature, or other configs (an edited YAML, a newer checkout),
+    must not continue it silently."""
     toy_world = load_tool("toy_world")
     configs = tmp_path / "configs"
     (configs / "toyworld").mkdir(parents=True)
@@ -69,6 +67,9 @@ def test_run_folder_refuses_a_run_made_with_other_configs(tmp_path, monkeypatch)
 
     toy_world.check_run_folder(run, "quick", 0, "teacher", overwrite=False)
     toy_world.check_run_folder(run, "quick", 0, "teacher", overwrite=False)  # same: continues
+    for other in (("full", 0, "teacher"), ("quick", 1, "teacher"), ("quick", 0, "paper")):
+        with pytest.raises(SystemExit, match="--overwrite"):
+            toy_world.check_run_folder(run, *other, overwrite=False)
     (configs / "toyworld" / "rpn.yaml").write_text("SOLVER:\n  BASE_LR: 0.01\n")
     with pytest.raises(SystemExit, match="--overwrite"):
         toy_world.check_run_folder(run, "quick", 0, "teacher", overwrite=False)
