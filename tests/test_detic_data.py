@@ -6,6 +6,7 @@ from itertools import islice
 
 import numpy as np
 import pytest
+from _data_utils import DEFAULT_COCO_CATEGORIES, make_coco_dataset
 from _detic_utils import TINY_DETIC, image_label_json, tiny_detic_data, write_json
 from _tool_utils import load_tool
 
@@ -13,6 +14,7 @@ from regionclip.config import load_config
 from regionclip.data.catalog import get_dataset_dicts, get_metadata
 from regionclip.data.loader import build_train_loader
 from regionclip.data.multi_dataset import MultiDatasetSampler
+from regionclip.engine.defaults import check_same_classes
 
 
 def test_shares_follow_the_ratio_whatever_the_dataset_sizes():
@@ -167,3 +169,21 @@ def test_prepare_detic_coco_writes_detics_files(tmp_path, monkeypatch):
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
     records = get_dataset_dicts("coco_caption_train_tags", check_files=False)
     assert [r["pos_category_ids"] for r in records] == [[0, 2], [1]]
+
+
+def test_datasets_trained_together_must_list_the_same_classes(tmp_path):
+    """Class ids are positions in each json's category list: a box json listing only the base
+    classes beside an image-label json listing all would train the wrong classes."""
+    person, car, dog = DEFAULT_COCO_CATEGORIES
+    def name(folder, categories):
+        return "coco_json:%s:%s" % make_coco_dataset(tmp_path / folder, 1, categories)
+    every, again = name("every", [person, car, dog]), name("again", [person, car, dog])
+    base_only = name("base", [person, dog])
+    renamed = name("renamed", [person, {**car, "name": "bus"}, dog])
+    check_same_classes([every, again])
+    check_same_classes([])
+    with pytest.raises(ValueError, match=r"base.* lists 2 classes and .*every.* 3, first "
+                                         r"different at position 1"):
+        check_same_classes([every, base_only])
+    with pytest.raises(ValueError, match="lists 3 classes and .* 3, first different at position 1"):
+        check_same_classes([every, again, renamed])

@@ -173,6 +173,24 @@ def check_vocabulary(model, dataset_name: str) -> None:
         )
 
 
+def check_same_classes(dataset_names) -> None:
+    """Datasets trained together must list the same classes in the same order: a class id is a
+    position in that list, so two different lists of one length would train wrong classes."""
+    if not dataset_names:
+        return
+    first, *others = dataset_names
+    classes = get_metadata(first).thing_classes
+    for name in others:
+        theirs = get_metadata(name).thing_classes
+        if theirs != classes:
+            diff = next((i for i, pair in enumerate(zip(classes, theirs)) if pair[0] != pair[1]),
+                        min(len(classes), len(theirs)))
+            raise ValueError(
+                f"DATASETS.TRAIN: {name} lists {len(theirs)} classes and {first} {len(classes)}, "
+                f"first different at position {diff}; datasets trained together need the same "
+                "categories in their json files (list every category, even without boxes)")
+
+
 def test(cfg, model) -> dict:
     """Evaluate on every ``DATASETS.TEST``: COCO/LVIS metrics of a detector, or the recall of
     ground-truth boxes by the proposals of a model without ROI heads (an RPN alone); writes
@@ -233,7 +251,8 @@ def _training_data(cfg, model):
     """(loader, evaluation function) of a detection or an image-text (pretraining) config."""
     if cfg.MODEL.META_ARCHITECTURE in IMAGE_TEXT_ARCHITECTURES:
         return build_image_text_loader(cfg), zero_shot_eval_fn(cfg)
-    for name in cfg.DATASETS.TRAIN:
+    check_same_classes(cfg.DATASETS.TRAIN)
+    for name in cfg.DATASETS.TRAIN[:1]:
         check_vocabulary(model, name)
     return build_train_loader(cfg), lambda module: test(cfg, module)
 
