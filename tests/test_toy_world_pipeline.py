@@ -76,3 +76,27 @@ def test_run_folder_refuses_a_run_made_with_other_settings(tmp_path, monkeypatch
     toy_world.check_run_folder(run, "quick", 0, "teacher", overwrite=True)
     assert json.load(open(os.path.join(run, "pipeline.json")))["configs"] == \
         toy_world.configs_fingerprint()
+
+
+def test_detic_stages_are_valid_train_net_commands_after_regionclips(tmp_path):
+    """--detic adds Detic's three runs before the drawings; each command's config and
+    overrides load, box-only and image-label runs see the same box batches."""
+    from regionclip.config import load_config
+    from regionclip.engine.defaults import default_argument_parser
+    toy_world = load_tool("toy_world")
+    plain = toy_world.stages("r", "w", toy_world.BUDGETS["full"], 0, 0.07)
+    commands = toy_world.stages("r", "w", toy_world.BUDGETS["full"], 0, 0.07, detic=True)
+    detic = [name for name in commands if name.startswith("detic_")]
+    assert detic == [f"detic_{name}" for name in toy_world.DETIC_RUNS]
+    assert list(commands) == list(plain)[:-1] + detic + ["drawings"]
+    iters = {}
+    for name in detic:
+        args = default_argument_parser().parse_args(commands[name][1:])
+        cfg = load_config(args.config_file, args.opts)
+        iters[name] = cfg.SOLVER.MAX_ITER
+        assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 20 and cfg.MODEL.CLIP.CLSS_TEMP == 0.07
+        assert cfg.MODEL.WEIGHTS == f"r/{toy_world.DETIC_RUNS[name[6:]][1]}/model_final.pth"
+        assert cfg.WITH_IMAGE_LABELS == ("image_labels" in name)
+        assert len(cfg.DATASETS.TRAIN) == (2 if cfg.WITH_IMAGE_LABELS else 1)
+    assert iters["detic_image_labels_from_teacher"] == 2 * iters["detic_box_from_teacher"] == \
+        2 * toy_world.BUDGETS["full"].transfer_iters

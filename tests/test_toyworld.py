@@ -137,6 +137,31 @@ def test_captions_load_through_jsonl_source_and_are_weak_supervision(world):
                for caption in map(_words, s.captions))
 
 
+def test_detics_files_load_through_the_catalog_with_one_class_list(world):
+    """Detic's training data: the train split's base boxes under all categories, and the
+    pretraining images labelled with the classes their captions name (novel ones included)."""
+    boxes = f"coco_json:{world}/detection/train_all_categories.json:{world}/detection/train"
+    labels = f"image_labels:{world}/pretrain/image_labels.json:{world}/pretrain"
+    assert get_metadata(boxes).thing_classes == get_metadata(labels).thing_classes == \
+        CATEGORY_NAMES
+    train = get_dataset_dicts(_dataset(world, "train"))
+    every = get_dataset_dicts(boxes)
+    assert [r["file_name"] for r in every] == [r["file_name"] for r in train]
+    assert {CATEGORY_NAMES[a["category_id"]] for r in every for a in r["annotations"]} <= \
+        set(BASE_NAMES)
+    source = JsonlSource(os.path.join(world, "pretrain"))
+    captions = {os.path.basename(s.image): s.captions
+                for s in (source.read(i, random.Random(0)) for i in range(len(source)))}
+    records = get_dataset_dicts(labels)
+    assert 0 < len(records) <= SIZES.pretrain
+    for record in records:  # Detic's rule: a name between spaces (or at either end)
+        text = captions[os.path.basename(record["file_name"])]
+        tokens = " ".join(text).lower().split()
+        assert {CATEGORY_NAMES[c] for c in record["pos_category_ids"]} == \
+            {n for n in CATEGORY_NAMES if n in tokens}
+    assert any(CATEGORY_NAMES[c] in NOVEL_NAMES for r in records for c in r["pos_category_ids"])
+
+
 def test_web_corpus_is_object_centric_pairs_of_its_own(world):
     """The teacher's corpus: 1-2 large objects per image, captioned, not a pretrain copy."""
     source = JsonlSource(os.path.join(world, "web"))

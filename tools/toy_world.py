@@ -72,6 +72,12 @@ BUDGETS = {
 }
 
 
+# Detic's comparison (--detic): run name -> (config under configs/toyworld, initialisation).
+DETIC_RUNS = {"box_from_teacher": ("detic_box", "teacher"),
+              "image_labels_from_teacher": ("detic_image_labels", "teacher"),
+              "image_labels_from_student": ("detic_image_labels", "student")}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,6 +88,10 @@ def parse_args(argv=None):
                         help="the teacher's learnt temperature, or the paper's 0.01")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete a previous run in --out and start over")
+    parser.add_argument("--detic", action="store_true",
+                        help="also Detic's comparison: box-only vs image labels from the "
+                             "teacher, image labels from the student (about 35 more minutes "
+                             "at the full budget; can be added to a finished run)")
     return parser.parse_args(argv)
 
 
@@ -99,10 +109,10 @@ def teacher_temperature(weights: str) -> float:
     return 1.0 / math.exp(float(state_dict["logit_scale"]))
 
 
-def stages(run: str, world: str, budget: Budget, seed: int,
-           temperature: float = 0.01) -> Dict[str, List[str]]:
+def stages(run: str, world: str, budget: Budget, seed: int, temperature: float = 0.01,
+           detic: bool = False) -> Dict[str, List[str]]:
     """Stage name -> command line (after ``python``), in the order they run; ``temperature``
-    is given to every stage after the teacher."""
+    is given to every stage after the teacher; ``detic`` adds Detic's comparison."""
     train_net = [os.path.join(ROOT, "tools", "train_net.py")]
     det = {s: f"coco_json:{world}/detection/{s}.json:{world}/detection/{s}" for s in
            ("train", "test")}
@@ -161,6 +171,8 @@ def stages(run: str, world: str, budget: Budget, seed: int,
             "MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH", f"{concepts}/classes_all.pth",
             "MODEL.CLIP.FOCAL_SCALED_LOSS", focal, "SEED", str(seed), *temp,
             "OUTPUT_DIR", f"{run}/transfer_{name}"]
+    if detic:
+        commands.update(_detic_stages(train_net, run, world, budget, seed, temp))
     commands["drawings"] = [
         os.path.join(ROOT, "tools", "visualize_json_results.py"), "--input",
         f"{run}/zero_shot_rpn_student/inference/coco_instances_results.json", "--output",
@@ -169,9 +181,31 @@ def stages(run: str, world: str, budget: Budget, seed: int,
     return commands
 
 
+def _detic_stages(train_net, run, world, budget, seed, temp) -> Dict[str, List[str]]:
+    """Detic's comparison on the RegionCLIP detector: one classifier over all 20 classes, base
+    boxes only, without and with the pretraining images' caption-derived image labels; the
+    image-label runs take twice the iterations, half of them box batches."""
+    box = f"coco_json:{world}/detection/train_all_categories.json:{world}/detection/train"
+    labels = f"image_labels:{world}/pretrain/image_labels.json:{world}/pretrain"
+    test = f"coco_json:{world}/detection/test.json:{world}/detection/test"
+    commands = {}
+    for name, (config, who) in DETIC_RUNS.items():
+        image_labels = config == "detic_image_labels"
+        commands[f"detic_{name}"] = train_net + [
+            "--config-file", f"{CONFIGS}/{config}.yaml",
+            "DATASETS.TRAIN", _tuple(box, labels) if image_labels else _tuple(box),
+            "DATASETS.TEST", _tuple(test),
+            *_iters(budget.transfer_iters * (2 if image_labels else 1)),
+            "MODEL.WEIGHTS", f"{run}/{who}/model_final.pth",
+            "MODEL.CLIP.BB_RPN_WEIGHTS", f"{run}/rpn/model_final.pth",
+            "MODEL.CLIP.TEXT_EMB_PATH", f"{run}/concepts/classes_all.pth", "SEED", str(seed),
+            *temp, "OUTPUT_DIR", f"{run}/detic_{name}"]
+    return commands
+
+
 # Relative cost of each stage (minutes of the full budget on 2 cores), for the ETA of the bar.
 WEIGHTS = {"world": 1.5, "teacher": 15, "rpn": 1, "concept": 0.1, "concepts": 0.1, "student": 7.5,
-           "zero": 1, "transfer": 10.5, "drawings": 0.1}
+           "zero": 1, "transfer": 10.5, "detic": 12, "drawings": 0.1}
 
 
 def _done_marker(run: str, name: str) -> str:
@@ -237,11 +271,11 @@ def check_run_folder(run: str, budget_name: str, seed: int, temperature: str,
 
 
 def run_seed(out: str, budget_name: str, seed: int, temperature_mode: str,
-             overwrite: bool) -> Dict:
+             overwrite: bool, detic: bool = False) -> Dict:
     run = os.path.join(out, f"seed_{seed}")
     check_run_folder(run, budget_name, seed, temperature_mode, overwrite)
     world = os.path.join(run, "world")
-    commands = stages(run, world, BUDGETS[budget_name], seed)
+    commands = stages(run, world, BUDGETS[budget_name], seed, detic=detic)
     weights = {name: WEIGHTS[name.split("_")[0]] for name in commands}
     seconds, temperature = {}, None
     with tqdm(total=sum(weights.values()), desc=f"toy world seed {seed}",
@@ -251,7 +285,8 @@ def run_seed(out: str, budget_name: str, seed: int, temperature_mode: str,
             if name not in ("world", "teacher") and temperature is None:  # the teacher has run
                 temperature = (teacher_temperature(f"{run}/teacher/model_final.pth")
                                if temperature_mode == "teacher" else 0.01)
-                commands = stages(run, world, BUDGETS[budget_name], seed, temperature)
+                commands = stages(run, world, BUDGETS[budget_name], seed, temperature,
+                                  detic)
             bar.set_postfix_str(name)
             seconds[name] = run_stage(name, commands[name], run)
             bar.update(weights[name])
@@ -269,6 +304,8 @@ def measure(run: str, world: str, seed: int, seconds: Dict[str, float]) -> Dict:
                         for who in ("teacher", "student")} for mode in ("gt", "rpn")}
     transfer = {name: read_ap50(f"{run}/transfer_{name}") for name in
                 ("from_student", "from_teacher", "from_student_no_focal")}
+    transfer.update({f"detic_{name}": read_ap50(f"{run}/detic_{name}") for name in DETIC_RUNS
+                     if f"detic_{name}" in seconds})
     report = {"zero_shot": zero_shot, "transfer": transfer,
               "chance_ap50": chance_ap50(f"{world}/detection/test.json", seed), "seed": seed,
               "class_name_cosine": class_name_cosine(f"{run}/concepts/classes_all.pth"),
@@ -280,7 +317,7 @@ def measure(run: str, world: str, seed: int, seconds: Dict[str, float]) -> Dict:
 def main(argv=None) -> Dict:
     args = parse_args(argv)
     out = os.path.abspath(args.out)
-    reports = [run_seed(out, args.budget, seed, args.temperature, args.overwrite)
+    reports = [run_seed(out, args.budget, seed, args.temperature, args.overwrite, args.detic)
                for seed in args.seeds]
     summary = summarize(reports)
     with atomic_open(os.path.join(out, "report.json"), "w") as f:

@@ -7,8 +7,10 @@ Layout (``out`` is the world's folder)::
     detection/{train,val,test}/000001.jpg ...
     detection/train.json        COCO json: base categories and base boxes only (OV-COCO style)
     detection/{val,test}.json   COCO json: all categories, all boxes
+    detection/train_all_categories.json   train.json listing all categories (Detic's training)
     pretrain/images/000001.jpg ...
     pretrain/captions.jsonl     {"file_name", "captions"} per line (``JsonlSource``)
+    pretrain/image_labels.json  Detic's image labels: the classes each image's captions name
     web/images/000001.jpg ...   the teacher's corpus, same layout as ``pretrain``
     web/captions.jsonl
 
@@ -36,6 +38,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from ..data.image_labels import caption_image_labels
 from .captions import captions
 from .categories import CATEGORY_NAMES, NOVEL_NAMES, category_id
 from .scene import Scene, SceneSpec, draw_scene
@@ -45,6 +48,8 @@ _STREAMS = {"train": 1, "val": 2, "test": 3, "pretrain": 4, "web": 5}
 JPEG_QUALITY = 92
 WORLD_FILE = "world.json"
 CAPTIONS_PER_IMAGE = 3
+ALL_CATEGORIES_TRAIN = "detection/train_all_categories.json"
+IMAGE_LABELS_FILE = "image_labels.json"
 # Nouns of the captions that name no category (templates, backgrounds, fillers).
 OTHER_NOUNS = ("picture", "illustration", "drawing", "photo", "icons", "art", "image",
                "book", "background", "wallpaper", "design", "element", "download", "quality")
@@ -114,17 +119,22 @@ def _write_detection_split(root: str, split: str, count: int, seed: int, spec: S
         images.append({"id": image_id, "file_name": file_name, "height": height,
                        "width": width})
         annotations.extend(anns)
+    info = {"description": f"toy world, seed {seed}, {split}"}
     categories = category_dicts([n for n in CATEGORY_NAMES if n in keep])
     _write_json(os.path.join(root, "detection", f"{split}.json"),
-                {"info": {"description": f"toy world, seed {seed}, {split}"},
-                 "images": images, "annotations": annotations, "categories": categories})
+                {"info": info, "images": images, "annotations": annotations,
+                 "categories": categories})
+    if split == "train":  # Detic trains one classifier over every class on base boxes
+        _write_json(os.path.join(root, ALL_CATEGORIES_TRAIN),
+                    {"info": info, "images": images, "annotations": annotations,
+                     "categories": category_dicts()})
 
 
 def _write_pairs(root: str, corpus: str, count: int, seed: int, spec: SceneSpec,
                  progress) -> None:
     """Image-caption pairs of ``corpus`` ("pretrain" or "web") in ``root/corpus``."""
     os.makedirs(os.path.join(root, corpus, "images"))
-    lines = []
+    lines, images, texts = [], [], []
     for index in range(count):
         rng = scene_rng(seed, corpus, index)
         scene = draw_scene(rng, spec)
@@ -132,9 +142,17 @@ def _write_pairs(root: str, corpus: str, count: int, seed: int, spec: SceneSpec,
         _write_jpeg(os.path.join(root, corpus, file_name), scene.image)
         entry = {"file_name": file_name, "captions": captions(scene, rng, CAPTIONS_PER_IMAGE)}
         lines.append(json.dumps(entry) + "\n")
+        height, width = scene.image.shape[:2]
+        images.append({"id": index + 1, "file_name": file_name, "height": height,
+                       "width": width})
+        texts += [{"image_id": index + 1, "caption": text} for text in entry["captions"]]
         progress.update()
     with open(os.path.join(root, corpus, "captions.jsonl"), "w") as f:
         f.writelines(lines)
+    if corpus == "pretrain":  # Detic's image labels come from the CC3M stand-in's captions
+        labels = caption_image_labels({"images": images, "annotations": texts},
+                                      category_dicts())
+        _write_json(os.path.join(root, corpus, IMAGE_LABELS_FILE), labels)
 
 
 def _write_json(path: str, data) -> None:
@@ -182,6 +200,8 @@ def _world_info(seed: int, sizes: WorldSizes, spec: SceneSpec) -> Dict:
         "categories": category_dicts(),
         "files": {
             **{f"detection_{s}": [f"detection/{s}.json", f"detection/{s}"] for s in SPLITS},
+            "detection_train_all_categories": [ALL_CATEGORIES_TRAIN, "detection/train"],
             "pretrain": "pretrain", "web": "web", "vocabulary": "vocabulary.txt",
+            "pretrain_image_labels": [f"pretrain/{IMAGE_LABELS_FILE}", "pretrain"],
         },
     }
