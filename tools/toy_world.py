@@ -4,6 +4,7 @@
     python tools/toy_world.py --out output/toyworld                # one seed
     python tools/toy_world.py --out output/toyworld --seeds 0 1 2  # mean ± spread over seeds
     python tools/toy_world.py --out output/toyworld_quick --budget quick   # a 3-minute smoke run
+    python tools/toy_world.py --out output/toyworld --detic        # + Detic's comparison
 
 Each stage is the command a user runs on real data (``tools/make_toy_world.py``,
 ``tools/train_net.py`` with a config of ``configs/toyworld/``, ``tools/build_concept_nouns.py``,
