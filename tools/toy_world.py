@@ -173,7 +173,7 @@ def stages(run: str, world: str, budget: Budget, seed: int, temperature: float =
             "MODEL.CLIP.FOCAL_SCALED_LOSS", focal, "SEED", str(seed), *temp,
             "OUTPUT_DIR", f"{run}/transfer_{name}"]
     if detic:
-        commands.update(_detic_stages(train_net, run, world, budget, seed, temp))
+        commands.update(_detic_stages(train_net, run, world, det["test"], budget, seed, temp))
     commands["drawings"] = [
         os.path.join(ROOT, "tools", "visualize_json_results.py"), "--input",
         f"{run}/zero_shot_rpn_student/inference/coco_instances_results.json", "--output",
@@ -182,13 +182,12 @@ def stages(run: str, world: str, budget: Budget, seed: int, temperature: float =
     return commands
 
 
-def _detic_stages(train_net, run, world, budget, seed, temp) -> Dict[str, List[str]]:
+def _detic_stages(train_net, run, world, test, budget, seed, temp) -> Dict[str, List[str]]:
     """Detic's comparison on the RegionCLIP detector: one classifier over all 20 classes, base
     boxes only, without and with the pretraining images' caption-derived image labels; the
     image-label runs take twice the iterations, half of them box batches."""
     box = f"coco_json:{world}/detection/train_all_categories.json:{world}/detection/train"
     labels = f"image_labels:{world}/pretrain/image_labels.json:{world}/pretrain"
-    test = f"coco_json:{world}/detection/test.json:{world}/detection/test"
     commands = {}
     for name, (config, who) in DETIC_RUNS.items():
         image_labels = config == "detic_image_labels"

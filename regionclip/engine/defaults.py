@@ -252,8 +252,8 @@ def _training_data(cfg, model):
     if cfg.MODEL.META_ARCHITECTURE in IMAGE_TEXT_ARCHITECTURES:
         return build_image_text_loader(cfg), zero_shot_eval_fn(cfg)
     check_same_classes(cfg.DATASETS.TRAIN)
-    for name in cfg.DATASETS.TRAIN[:1]:
-        check_vocabulary(model, name)
+    if cfg.DATASETS.TRAIN:  # one class list for all of them (checked above)
+        check_vocabulary(model, cfg.DATASETS.TRAIN[0])
     return build_train_loader(cfg), lambda module: test(cfg, module)
 
 
