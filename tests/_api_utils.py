@@ -72,6 +72,17 @@ def save_finetuned(path, rpn: bool = False, num_classes: int = 3) -> str:
     return str(path)
 
 
+def save_checkpoint_files(root: Path) -> dict:
+    """A pretrained checkpoint (official file name), a fine-tuned one with an RPN inside and
+    one without, under ``root``."""
+    return {
+        "pretrained": save_pretrained(root / "regionclip_pretrained-cc_rn50.pth"),
+        "finetuned": save_finetuned(root / "finetuned_tiny.pth", rpn=True),
+        "gt_only": save_finetuned(root / "finetuned_gt_only.pth", rpn=False),
+        "root": root,
+    }
+
+
 def tiny_detector(weights, cache_dir, rpn: bool = True, **kwargs):
     from regionclip.api import Detector
 
