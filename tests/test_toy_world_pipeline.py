@@ -79,8 +79,9 @@ def test_run_folder_refuses_a_run_made_with_other_settings(tmp_path, monkeypatch
 
 
 def test_detic_stages_are_valid_train_net_commands_after_regionclips(tmp_path):
-    """--detic adds Detic's three runs before the drawings; each command's config and
-    overrides load, box-only and image-label runs see the same box batches."""
+    """--detic adds Detic's runs before the drawings; each command's config and overrides
+    load, box-only and weakly supervised runs see the same box batches, and only the caption
+    runs build the text tower for captions."""
     from regionclip.config import load_config
     from regionclip.engine.defaults import default_argument_parser
     toy_world = load_tool("toy_world")
@@ -89,14 +90,20 @@ def test_detic_stages_are_valid_train_net_commands_after_regionclips(tmp_path):
     detic = [name for name in commands if name.startswith("detic_")]
     assert detic == [f"detic_{name}" for name in toy_world.DETIC_RUNS]
     assert list(commands) == list(plain)[:-1] + detic + ["drawings"]
-    iters = {}
+    iters, anns = {}, {}
     for name in detic:
         args = default_argument_parser().parse_args(commands[name][1:])
         cfg = load_config(args.config_file, args.opts)
         iters[name] = cfg.SOLVER.MAX_ITER
         assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 20 and cfg.MODEL.CLIP.CLSS_TEMP == 0.07
         assert cfg.MODEL.WEIGHTS == f"r/{toy_world.DETIC_RUNS[name[6:]][1]}/model_final.pth"
-        assert cfg.WITH_IMAGE_LABELS == ("image_labels" in name)
+        assert cfg.WITH_IMAGE_LABELS == (name != "detic_box_from_teacher")
         assert len(cfg.DATASETS.TRAIN) == (2 if cfg.WITH_IMAGE_LABELS else 1)
-    assert iters["detic_image_labels_from_teacher"] == 2 * iters["detic_box_from_teacher"] == \
-        2 * toy_world.BUDGETS["full"].transfer_iters
+        assert cfg.MODEL.WITH_CAPTION == ("captions" in name or "both" in name)
+        anns[name] = list(cfg.DATALOADER.DATASET_ANN)
+    assert anns["detic_image_labels_from_teacher"] == ["box", "image"]
+    assert anns["detic_captions_from_teacher"] == ["box", "caption"]
+    assert anns["detic_both_from_teacher"] == ["box", "captiontag"]
+    weak = [iters[name] for name in detic if name != "detic_box_from_teacher"]
+    assert set(weak) == {2 * iters["detic_box_from_teacher"]}
+    assert iters["detic_box_from_teacher"] == toy_world.BUDGETS["full"].transfer_iters

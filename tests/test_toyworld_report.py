@@ -119,15 +119,21 @@ def test_write_report_writes_json_markdown_and_curves(tmp_path):
     assert "class-name embeddings: 0.500" in text
 
 
-def test_detics_runs_add_their_claim_and_rows_when_they_ran():
+def test_detics_runs_add_their_claims_and_rows_when_they_ran():
     report = _report(20.0, 31.0, 10.0, 12.0, 15.0, 10.0, 12.0)
     assert "image_labels_raise_novel" not in report["claims"]
     runs = report["transfer"]
     for name, novel in (("box_from_teacher", 2.0), ("image_labels_from_teacher", 3.0),
+                        ("captions_from_teacher", 2.5), ("both_from_teacher", 3.5),
                         ("image_labels_from_student", 4.0)):
         runs[f"detic_{name}"] = {"novel": novel, "base": 6.0, "all": 5.0}
-    assert claims(report)["image_labels_raise_novel"]
-    assert not claims(report)["all_above_chance"]  # 5.0 AP50 of all classes is not above chance
+    held = claims(report)
+    assert held["image_labels_raise_novel"] and held["captions_raise_novel"]
+    assert held["both_best_on_novel"]
+    assert not held["all_above_chance"]  # 5.0 AP50 of all classes is not above chance
     runs["detic_image_labels_from_teacher"]["novel"] = 2.0
-    assert not claims(report)["image_labels_raise_novel"]
-    assert "| detic image labels from student | 4.0 | 6.0 | 5.0 |" in markdown_table(report)
+    runs["detic_captions_from_teacher"]["novel"] = 4.0  # now above both
+    held = claims(report)
+    assert not held["image_labels_raise_novel"] and held["captions_raise_novel"]
+    assert not held["both_best_on_novel"]
+    assert "| detic captions from teacher | 4.0 | 6.0 | 5.0 |" in markdown_table(report)

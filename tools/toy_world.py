@@ -76,6 +76,8 @@ BUDGETS = {
 # Detic's comparison (--detic): run name -> (config under configs/toyworld, initialisation).
 DETIC_RUNS = {"box_from_teacher": ("detic_box", "teacher"),
               "image_labels_from_teacher": ("detic_image_labels", "teacher"),
+              "captions_from_teacher": ("detic_captions", "teacher"),
+              "both_from_teacher": ("detic_both", "teacher"),
               "image_labels_from_student": ("detic_image_labels", "student")}
 
 
@@ -90,9 +92,9 @@ def parse_args(argv=None):
     parser.add_argument("--overwrite", action="store_true",
                         help="delete a previous run in --out and start over")
     parser.add_argument("--detic", action="store_true",
-                        help="also Detic's comparison: box-only vs image labels from the "
-                             "teacher, image labels from the student (about 35 more minutes "
-                             "at the full budget; can be added to a finished run)")
+                        help="also Detic's comparison: box-only vs image labels vs captions "
+                             "vs both from the teacher, image labels from the student (about "
+                             "an hour more at the full budget; can be added to a finished run)")
     return parser.parse_args(argv)
 
 
@@ -184,18 +186,18 @@ def stages(run: str, world: str, budget: Budget, seed: int, temperature: float =
 
 def _detic_stages(train_net, run, world, test, budget, seed, temp) -> Dict[str, List[str]]:
     """Detic's comparison on the RegionCLIP detector: one classifier over all 20 classes, base
-    boxes only, without and with the pretraining images' caption-derived image labels; the
-    image-label runs take twice the iterations, half of them box batches."""
+    boxes only, then with the pretraining images' caption-derived image labels, their captions,
+    or both; the weakly supervised runs take twice the iterations, half of them box batches."""
     box = f"coco_json:{world}/detection/train_all_categories.json:{world}/detection/train"
     labels = f"image_labels:{world}/pretrain/image_labels.json:{world}/pretrain"
     commands = {}
     for name, (config, who) in DETIC_RUNS.items():
-        image_labels = config == "detic_image_labels"
+        weak = config != "detic_box"
         commands[f"detic_{name}"] = train_net + [
             "--config-file", f"{CONFIGS}/{config}.yaml",
-            "DATASETS.TRAIN", _tuple(box, labels) if image_labels else _tuple(box),
+            "DATASETS.TRAIN", _tuple(box, labels) if weak else _tuple(box),
             "DATASETS.TEST", _tuple(test),
-            *_iters(budget.transfer_iters * (2 if image_labels else 1)),
+            *_iters(budget.transfer_iters * (2 if weak else 1)),
             "MODEL.WEIGHTS", f"{run}/{who}/model_final.pth",
             "MODEL.CLIP.BB_RPN_WEIGHTS", f"{run}/rpn/model_final.pth",
             "MODEL.CLIP.TEXT_EMB_PATH", f"{run}/concepts/classes_all.pth", "SEED", str(seed),

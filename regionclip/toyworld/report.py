@@ -76,9 +76,14 @@ def claims(report: Dict) -> Dict[str, bool]:
     """The paper's claims as the report measures them (AP50 of all classes)."""
     zero, transfer, chance = report["zero_shot"], report["transfer"], report["chance_ap50"]
     detic = {}
-    if "detic_box_from_teacher" in transfer:  # Detic's: image labels of novel classes help
-        detic["image_labels_raise_novel"] = transfer["detic_image_labels_from_teacher"][
-            "novel"] > transfer["detic_box_from_teacher"]["novel"]
+    if "detic_box_from_teacher" in transfer:  # Detic's: weak labels of novel classes help
+        novel = {run[6:]: transfer[run]["novel"] for run in transfer if run.startswith("detic_")}
+        detic = {"image_labels_raise_novel": novel["image_labels_from_teacher"]
+                 > novel["box_from_teacher"],
+                 "captions_raise_novel": novel["captions_from_teacher"]
+                 > novel["box_from_teacher"],
+                 "both_best_on_novel": novel["both_from_teacher"]
+                 > max(novel["image_labels_from_teacher"], novel["captions_from_teacher"])}
     return {
         "student_beats_teacher_gt_by_10": zero["gt"]["student"] - zero["gt"]["teacher"]
         >= CLAIM_MARGIN_GT,
