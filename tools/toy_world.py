@@ -67,7 +67,7 @@ class Budget:
 
 BUDGETS = {
     "full": Budget(WorldSizes(1200, 200, 300, 4000, 4000), teacher_batch=256,
-                   teacher_iters=375, rpn_iters=300, pretrain_iters=200, transfer_iters=200),
+                   teacher_iters=1000, rpn_iters=300, pretrain_iters=200, transfer_iters=200),
     "quick": Budget(WorldSizes(40, 8, 12, 128, 128), teacher_batch=32, teacher_iters=10,
                     rpn_iters=10, pretrain_iters=3, transfer_iters=3),
 }
@@ -206,8 +206,8 @@ def _detic_stages(train_net, run, world, test, budget, seed, temp) -> Dict[str, 
 
 
 # Relative cost of each stage (minutes of the full budget on 2 cores), for the ETA of the bar.
-WEIGHTS = {"world": 1.5, "teacher": 15, "rpn": 1, "concept": 0.1, "concepts": 0.1, "student": 7.5,
-           "zero": 1, "transfer": 10.5, "detic": 12, "drawings": 0.1}
+WEIGHTS = {"world": 1.5, "teacher": 40, "rpn": 3.5, "concept": 0.1, "concepts": 0.1, "student": 20,
+           "zero": 0.5, "transfer": 12, "detic": 13, "drawings": 0.1}
 
 
 def _done_marker(run: str, name: str) -> str:
