@@ -48,6 +48,7 @@ from regionclip.toyworld.report import (
     summarize,
     write_report,
 )
+from regionclip.toyworld.writer import ALL_CATEGORIES_TRAIN, IMAGE_LABELS_FILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs", "toyworld")
@@ -188,8 +189,8 @@ def _detic_stages(train_net, run, world, test, budget, seed, temp) -> Dict[str, 
     """Detic's comparison on the RegionCLIP detector: one classifier over all 20 classes, base
     boxes only, then with the pretraining images' caption-derived image labels, their captions,
     or both; the weakly supervised runs take twice the iterations, half of them box batches."""
-    box = f"coco_json:{world}/detection/train_all_categories.json:{world}/detection/train"
-    labels = f"image_labels:{world}/pretrain/image_labels.json:{world}/pretrain"
+    box = f"coco_json:{world}/{ALL_CATEGORIES_TRAIN}:{world}/detection/train"
+    labels = f"image_labels:{world}/pretrain/{IMAGE_LABELS_FILE}:{world}/pretrain"
     commands = {}
     for name, (config, who) in DETIC_RUNS.items():
         weak = config != "detic_box"
