@@ -12,9 +12,8 @@ from _tool_utils import load_tool
 
 from regionclip.config import load_config
 from regionclip.data.catalog import get_dataset_dicts, get_metadata
-from regionclip.data.loader import build_train_loader
+from regionclip.data.loader import build_train_loader, check_same_classes
 from regionclip.data.multi_dataset import MultiDatasetSampler
-from regionclip.engine.defaults import check_same_classes
 
 
 def test_shares_follow_the_ratio_whatever_the_dataset_sizes():
@@ -181,7 +180,8 @@ def test_datasets_trained_together_must_list_the_same_classes(tmp_path):
     base_only = name("base", [person, dog])
     renamed = name("renamed", [person, {**car, "name": "bus"}, dog])
     check_same_classes([every, again])
-    check_same_classes([])
+    with pytest.raises(ValueError, match="DATASETS.TRAIN is empty"):
+        check_same_classes([])
     with pytest.raises(ValueError, match=r"base.* lists 2 classes and .*every.* 3, first "
                                          r"different at position 1"):
         check_same_classes([every, base_only])

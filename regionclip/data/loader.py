@@ -206,11 +206,21 @@ def shared_seed(seed: int) -> int:
 
 
 def check_same_classes(dataset_names: Sequence[str]) -> None:
+    """Datasets trained together must list the same classes in the same order: a class id is a
+    position in that list, so two different lists of one length would train wrong classes."""
     if not dataset_names:
         raise ValueError("DATASETS.TRAIN is empty: name at least one training dataset")
-    classes = {name: get_metadata(name).thing_classes for name in dataset_names}
-    if len(set(classes.values())) > 1:
-        raise ValueError(f"DATASETS.TRAIN datasets have different class lists: {classes}")
+    first, *others = dataset_names
+    classes = get_metadata(first).thing_classes
+    for name in others:
+        theirs = get_metadata(name).thing_classes
+        if theirs != classes:
+            diff = next((i for i, pair in enumerate(zip(classes, theirs)) if pair[0] != pair[1]),
+                        min(len(classes), len(theirs)))
+            raise ValueError(
+                f"DATASETS.TRAIN: {name} lists {len(theirs)} classes and {first} {len(classes)}, "
+                f"first different at position {diff}; datasets trained together need the same "
+                "categories in their json files (list every category, even without boxes)")
 
 
 def training_records(dataset_names: Sequence[str], filter_empty: bool = True,

@@ -31,7 +31,7 @@ from ..checkpoint import CheckpointError
 from ..config import ConfigError, dump_config, load_config
 from ..data.catalog import get_dataset_dicts, get_metadata
 from ..data.image_text_loader import build_image_text_loader
-from ..data.loader import build_test_loader, build_train_loader
+from ..data.loader import build_test_loader, build_train_loader, check_same_classes
 from ..data.mapper import build_inference_mapper
 from ..distributed import get_rank, get_world_size, is_main_process, launch
 from ..evaluation import ProposalRecallEvaluator, build_evaluator
@@ -173,24 +173,6 @@ def check_vocabulary(model, dataset_name: str) -> None:
         )
 
 
-def check_same_classes(dataset_names) -> None:
-    """Datasets trained together must list the same classes in the same order: a class id is a
-    position in that list, so two different lists of one length would train wrong classes."""
-    if not dataset_names:
-        return
-    first, *others = dataset_names
-    classes = get_metadata(first).thing_classes
-    for name in others:
-        theirs = get_metadata(name).thing_classes
-        if theirs != classes:
-            diff = next((i for i, pair in enumerate(zip(classes, theirs)) if pair[0] != pair[1]),
-                        min(len(classes), len(theirs)))
-            raise ValueError(
-                f"DATASETS.TRAIN: {name} lists {len(theirs)} classes and {first} {len(classes)}, "
-                f"first different at position {diff}; datasets trained together need the same "
-                "categories in their json files (list every category, even without boxes)")
-
-
 def test(cfg, model) -> dict:
     """Evaluate on every ``DATASETS.TEST``: COCO/LVIS metrics of a detector, or the recall of
     ground-truth boxes by the proposals of a model without ROI heads (an RPN alone); writes
@@ -252,8 +234,7 @@ def _training_data(cfg, model):
     if cfg.MODEL.META_ARCHITECTURE in IMAGE_TEXT_ARCHITECTURES:
         return build_image_text_loader(cfg), zero_shot_eval_fn(cfg)
     check_same_classes(cfg.DATASETS.TRAIN)
-    if cfg.DATASETS.TRAIN:  # one class list for all of them (checked above)
-        check_vocabulary(model, cfg.DATASETS.TRAIN[0])
+    check_vocabulary(model, cfg.DATASETS.TRAIN[0])  # one class list for all of them
     return build_train_loader(cfg), lambda module: test(cfg, module)
 
 
