@@ -11,7 +11,7 @@ import regionclip.modeling.clip_resnet as clip_resnet_module
 from regionclip.checkpoint import load_checkpoint, save_checkpoint
 from regionclip.config import load_config
 from regionclip.modeling.build import build_model
-from regionclip.modeling.pretrainer import LOSS_KEYS, PretrainFastRCNN
+from regionclip.modeling.pretrainer import LOSS_KEYS, PretrainFastRCNN, context_squares
 from regionclip.modeling.text_encoder import save_embeddings
 from regionclip.prompts import tokenize
 
@@ -75,6 +75,38 @@ def test_teacher_temperature_is_the_config_key(tmp_path):
         torch.manual_seed(0)
         distill = model(_batch())["loss_region_distill"].item()
         assert (distill < 1e-4) == vanishes, (teacher_temp, distill)
+
+
+def test_context_squares_by_hand():
+    boxes = torch.tensor([[10.0, 20.0, 30.0, 60.0], [0.0, 0.0, 8.0, 2.0]])
+    expected = torch.tensor([[-10.0, 10.0, 50.0, 70.0], [-2.0, -5.0, 10.0, 7.0]])
+    assert torch.equal(context_squares(boxes, 1.5), expected)
+
+
+def test_teacher_crop_encodes_the_resampled_region_as_a_whole_image(tmp_path):
+    """TEACHER_CROP_CONTEXT 1 on a box spanning a 32 px square image: the teacher's embedding
+    is its CLIP image embedding of the image upsampled to the 64 px input size (bilinear)."""
+    model = _from_clip(tmp_path, "MODEL.CLIP.TEACHER_CROP_CONTEXT", 1.0)
+    assert model.teacher_crop_context == 1.0
+    image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    got = model.teacher_regions(image, [torch.tensor([[0.0, 0.0, 32.0, 32.0]])])
+    size = model.teacher_backbone.variant.image_size
+    resized = torch.nn.functional.interpolate(image, size=size, mode="bilinear",
+                                              align_corners=False)
+    with torch.no_grad():
+        expected = model.teacher_backbone.encode_image(resized)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    roialign = _from_clip(tmp_path).teacher_regions(image, [torch.tensor([[0.0, 0.0, 32.0, 32.0]])])
+    assert not torch.allclose(roialign, expected, atol=1e-3)  # the original's way differs
+
+
+def test_teacher_crops_train_and_a_negative_context_is_refused(tmp_path):
+    model = _model(tmp_path, "MODEL.CLIP.TEACHER_CROP_CONTEXT", 1.5)
+    losses = model(_batch())
+    assert set(losses) == set(LOSS_KEYS.values())
+    assert all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ValueError, match="TEACHER_CROP_CONTEXT must be >= 0"):
+        _model(tmp_path, "MODEL.CLIP.TEACHER_CROP_CONTEXT", -1.0)
 
 
 # ------------------------------------------------------------------------------------------

@@ -172,6 +172,9 @@ _C.MODEL.CLIP.GATHER_GPUS = False  # all-gather image/caption embeddings across 
 _C.MODEL.CLIP.TEACHER_VARIANT = ""  # teacher CLIP ResNet; "" = from TEACHER_RESNETS_DEPTH
 _C.MODEL.CLIP.TEACHER_RESNETS_DEPTH = 50  # legacy teacher variant flag (200 = RN50x4)
 _C.MODEL.CLIP.TEACHER_POOLER_RESOLUTION = 0  # teacher RoIAlign size; 0 = from the teacher variant
+# > 0: the teacher encodes each region as a whole-image crop of this many times the box's longer
+# side (not in the original); 0 = RoIAlign on the teacher's feature map, as the original.
+_C.MODEL.CLIP.TEACHER_CROP_CONTEXT = 0.0
 
 # ---------------------------------------------------------------------------------------------
 # Input

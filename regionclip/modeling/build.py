@@ -193,6 +193,7 @@ def build_pretrain_fast_rcnn(cfg) -> PretrainFastRCNN:
         concept_thres=clip.CONCEPT_THRES,
         temperature=clip.CLSS_TEMP,
         teacher_temperature=clip.TEACHER_TEMP,
+        teacher_crop_context=clip.TEACHER_CROP_CONTEXT,
         gather=clip.GATHER_GPUS,
         **parts,
     )

@@ -11,9 +11,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import roi_align
 
 from ..structures import ImageList
-from .clip_resnet import CLIPResNet
+from .clip_resnet import INFERENCE_CHUNK, CLIPResNet
 from .pretrain_losses import (
     DEFAULT_TEMPERATURE,
     TEACHER_TEMPERATURE,
@@ -52,6 +53,13 @@ def sample_boxes(boxes: torch.Tensor, num: int) -> torch.Tensor:
     return boxes[torch.randperm(len(boxes), device=boxes.device)[:num]]
 
 
+def context_squares(boxes: torch.Tensor, context: float) -> torch.Tensor:
+    """xyxy squares of side ``context`` times each xyxy box's longer side, centred on it."""
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = context * (boxes[:, 2:] - boxes[:, :2]).amax(1, keepdim=True) / 2
+    return torch.cat([centre - half, centre + half], 1)
+
+
 def random_caption(tokens: torch.Tensor) -> torch.Tensor:
     """One row of an image's caption tokens [n_cap, L], chosen uniformly among its own."""
     if tokens.dim() != 2 or len(tokens) == 0:
@@ -78,6 +86,11 @@ class PretrainFastRCNN(nn.Module):
         temperature: of the three losses (MODEL.CLIP.CLSS_TEMP).
         teacher_temperature: of the teacher's pseudo-label distributions
             (MODEL.CLIP.TEACHER_TEMP).
+        teacher_crop_context: 0 = the teacher embeds regions by RoIAlign on its own feature
+            map (the original); > 0 = it encodes each region as a whole image: a square of
+            this many times the box's longer side, resampled to its CLIP input size (the
+            image's outside is the mean colour). Crops read small regions better (docs/
+            TOYWORLD.md) at the cost of one teacher pass per region.
         gather: all-gather image and caption embeddings across processes.
     """
 
@@ -101,6 +114,7 @@ class PretrainFastRCNN(nn.Module):
         concept_thres: float = 0.0,
         temperature: float = DEFAULT_TEMPERATURE,
         teacher_temperature: float = TEACHER_TEMPERATURE,
+        teacher_crop_context: float = 0.0,
         gather: bool = False,
     ):
         super().__init__()
@@ -123,6 +137,10 @@ class PretrainFastRCNN(nn.Module):
         self.concept_thres = concept_thres
         self.temperature = temperature
         self.teacher_temperature = teacher_temperature
+        if teacher_crop_context < 0:
+            raise ValueError(f"MODEL.CLIP.TEACHER_CROP_CONTEXT must be >= 0 (0 = RoIAlign, e.g. "
+                             f"1.5 = crops 1.5x the box), got {teacher_crop_context}")
+        self.teacher_crop_context = teacher_crop_context
         self.gather = gather
 
     @property
@@ -171,11 +189,7 @@ class PretrainFastRCNN(nn.Module):
     def _region_losses(self, images, normalized: torch.Tensor, res4) -> Dict[str, torch.Tensor]:
         boxes = self.sample_proposals(images)
         student = self.backbone.embed_regions(res4, boxes, self.pooler_resolution)
-        with torch.no_grad():
-            # The teacher sees the same normalised (and padded) batch as the student.
-            teacher_res4 = self.teacher_backbone(normalized)["res4"]
-            teacher = self.teacher_backbone.embed_regions(teacher_res4, boxes,
-                                                          self.teacher_pooler_resolution)
+        teacher = self.teacher_regions(normalized, boxes)
         labels = pseudo_concept_labels(teacher, self.teacher_concept_emb, self.concept_thres,
                                        self.teacher_temperature)
         region = F.normalize(student[labels.keep].float(), dim=1)
@@ -188,6 +202,21 @@ class PretrainFastRCNN(nn.Module):
             losses[LOSS_KEYS["contrastive"]] = region_concept_contrastive(
                 region, concepts[labels.targets], labels.label_matrix, self.temperature)
         return losses
+
+    @torch.no_grad()
+    def teacher_regions(self, normalized: torch.Tensor, boxes: List[torch.Tensor]) -> torch.Tensor:
+        """Teacher embeddings [sum R_i, D_teacher] of the boxes, from the same normalised (and
+        padded) batch as the student sees."""
+        if not self.teacher_crop_context:
+            res4 = self.teacher_backbone(normalized)["res4"]
+            return self.teacher_backbone.embed_regions(res4, boxes, self.teacher_pooler_resolution)
+        squares = [context_squares(b, self.teacher_crop_context) for b in boxes]
+        crops = roi_align(normalized, squares, self.teacher_backbone.variant.image_size,
+                          aligned=True)
+        if not len(crops):
+            return crops.new_zeros(0, self.teacher_backbone.variant.embed_dim)
+        encode = self.teacher_backbone.encode_image
+        return torch.cat([encode(chunk) for chunk in crops.split(INFERENCE_CHUNK)])
 
     def _image_text_loss(self, batched_inputs, res4, image_sizes) -> torch.Tensor:
         boxes = whole_image_boxes(image_sizes, self.device)
