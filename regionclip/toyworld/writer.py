@@ -134,25 +134,30 @@ def _write_pairs(root: str, corpus: str, count: int, seed: int, spec: SceneSpec,
                  progress) -> None:
     """Image-caption pairs of ``corpus`` ("pretrain" or "web") in ``root/corpus``."""
     os.makedirs(os.path.join(root, corpus, "images"))
-    lines, images, texts = [], [], []
+    entries, image_sizes = [], []
     for index in range(count):
         rng = scene_rng(seed, corpus, index)
         scene = draw_scene(rng, spec)
         file_name = f"images/{index + 1:06d}.jpg"
         _write_jpeg(os.path.join(root, corpus, file_name), scene.image)
-        entry = {"file_name": file_name, "captions": captions(scene, rng, CAPTIONS_PER_IMAGE)}
-        lines.append(json.dumps(entry) + "\n")
-        height, width = scene.image.shape[:2]
-        images.append({"id": index + 1, "file_name": file_name, "height": height,
-                       "width": width})
-        texts += [{"image_id": index + 1, "caption": text} for text in entry["captions"]]
+        entries.append({"file_name": file_name,
+                        "captions": captions(scene, rng, CAPTIONS_PER_IMAGE)})
+        image_sizes.append(scene.image.shape[:2])
         progress.update()
     with open(os.path.join(root, corpus, "captions.jsonl"), "w") as f:
-        f.writelines(lines)
+        f.writelines(json.dumps(entry) + "\n" for entry in entries)
     if corpus == "pretrain":  # Detic's image labels come from the CC3M stand-in's captions
-        labels = caption_image_labels({"images": images, "annotations": texts},
-                                      category_dicts())
+        labels = caption_image_labels(_caption_json(entries, image_sizes), category_dicts())
         _write_json(os.path.join(root, corpus, IMAGE_LABELS_FILE), labels)
+
+
+def _caption_json(entries: List[Dict], image_sizes) -> Dict:
+    """The pairs as a COCO-captions json, the form Detic parses image labels from."""
+    images = [{"id": i + 1, "file_name": entry["file_name"], "height": h, "width": w}
+              for i, (entry, (h, w)) in enumerate(zip(entries, image_sizes))]
+    texts = [{"image_id": i + 1, "caption": text}
+             for i, entry in enumerate(entries) for text in entry["captions"]]
+    return {"images": images, "annotations": texts}
 
 
 def _write_json(path: str, data) -> None:
