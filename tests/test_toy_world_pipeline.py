@@ -70,12 +70,34 @@ def test_run_folder_refuses_a_run_made_with_other_settings(tmp_path, monkeypatch
     for other in (("full", 0, "teacher"), ("quick", 1, "teacher"), ("quick", 0, "paper")):
         with pytest.raises(SystemExit, match="--overwrite"):
             toy_world.check_run_folder(run, *other, overwrite=False)
+    with pytest.raises(SystemExit, match="--overwrite"):
+        toy_world.check_run_folder(run, "quick", 0, "teacher", overwrite=False,
+                                   teacher_crop_context=1.5)
     (configs / "toyworld" / "rpn.yaml").write_text("SOLVER:\n  BASE_LR: 0.01\n")
     with pytest.raises(SystemExit, match="--overwrite"):
         toy_world.check_run_folder(run, "quick", 0, "teacher", overwrite=False)
     toy_world.check_run_folder(run, "quick", 0, "teacher", overwrite=True)
     assert json.load(open(os.path.join(run, "pipeline.json")))["configs"] == \
         toy_world.configs_fingerprint()
+
+
+def test_teacher_crop_context_reaches_the_student_stage_only():
+    """--teacher-crop-context X sets MODEL.CLIP.TEACHER_CROP_CONTEXT of the pretraining run
+    and of no other stage; without it the student's command is the original's."""
+    from regionclip.config import load_config
+    from regionclip.engine.defaults import default_argument_parser
+    toy_world = load_tool("toy_world")
+    assert toy_world.parse_args(["--out", "o"]).teacher_crop_context == 0.0
+    assert toy_world.parse_args(["--out", "o", "--teacher-crop-context", "1.5"]
+                                ).teacher_crop_context == 1.5
+    plain = toy_world.stages("r", "w", toy_world.BUDGETS["full"], 0, 0.07)
+    crops = toy_world.stages("r", "w", toy_world.BUDGETS["full"], 0, 0.07,
+                             teacher_crop_context=1.5)
+    assert [name for name in plain if plain[name] != crops[name]] == ["student"]
+    for commands, context in ((plain, 0.0), (crops, 1.5)):
+        args = default_argument_parser().parse_args(commands["student"][1:])
+        assert load_config(args.config_file, args.opts).MODEL.CLIP.TEACHER_CROP_CONTEXT == \
+            context
 
 
 def test_detic_stages_are_valid_train_net_commands_after_regionclips(tmp_path):

@@ -20,6 +20,7 @@ default) uses the toy teacher's own learnt temperature in its place for every st
 teacher; ``--temperature paper`` keeps 0.01.
 """
 import argparse
+import functools
 import glob
 import hashlib
 import json
@@ -96,6 +97,10 @@ def parse_args(argv=None):
                         help="also Detic's comparison: box-only vs image labels vs captions "
                              "vs both from the teacher, image labels from the student (about "
                              "an hour more at the full budget; can be added to a finished run)")
+    parser.add_argument("--teacher-crop-context", type=float, default=0.0, metavar="X",
+                        help="the pretraining teacher labels each region from a crop X times "
+                             "its box (MODEL.CLIP.TEACHER_CROP_CONTEXT; not in the original, "
+                             "see docs/TOYWORLD.md); 0 = RoIAlign, as the original")
     return parser.parse_args(argv)
 
 
@@ -114,9 +119,10 @@ def teacher_temperature(weights: str) -> float:
 
 
 def stages(run: str, world: str, budget: Budget, seed: int, temperature: float = 0.01,
-           detic: bool = False) -> Dict[str, List[str]]:
+           detic: bool = False, teacher_crop_context: float = 0.0) -> Dict[str, List[str]]:
     """Stage name -> command line (after ``python``), in the order they run; ``temperature``
-    is given to every stage after the teacher; ``detic`` adds Detic's comparison."""
+    is given to every stage after the teacher; ``detic`` adds Detic's comparison;
+    ``teacher_crop_context`` > 0 makes the pretraining teacher label crops."""
     train_net = [os.path.join(ROOT, "tools", "train_net.py")]
     det = {s: f"coco_json:{world}/detection/{s}.json:{world}/detection/{s}" for s in
            ("train", "test")}
@@ -154,6 +160,8 @@ def stages(run: str, world: str, budget: Budget, seed: int, temperature: float =
         "--config-file", f"{CONFIGS}/pretrain.yaml", *pairs, *_iters(budget.pretrain_iters),
         "MODEL.WEIGHTS", teacher, "MODEL.CLIP.BB_RPN_WEIGHTS", rpn,
         "MODEL.CLIP.CONCEPT_POOL_EMB", f"{concepts}/pool.pth", *temp,
+        *(["MODEL.CLIP.TEACHER_CROP_CONTEXT", f"{teacher_crop_context:g}"]
+          if teacher_crop_context else []),
         "OUTPUT_DIR", f"{run}/student"]
     evaluate = train_net + ["--eval-only", "--config-file", f"{CONFIGS}/zero_shot.yaml",
                             "DATASETS.TEST", _tuple(det["test"]), "MODEL.CLIP.BB_RPN_WEIGHTS",
@@ -251,9 +259,10 @@ def configs_fingerprint() -> str:
 
 
 def check_run_folder(run: str, budget_name: str, seed: int, temperature: str,
-                     overwrite: bool) -> None:
+                     overwrite: bool, teacher_crop_context: float = 0.0) -> None:
     """Refuse to mix runs: ``run`` must be new, or hold a run of the same settings and configs."""
     identity = {"budget": budget_name, "seed": seed, "temperature": temperature,
+                "teacher_crop_context": teacher_crop_context,
                 "sizes": asdict(BUDGETS[budget_name]), "configs": configs_fingerprint()}
     path = os.path.join(run, "pipeline.json")
     if overwrite and os.path.exists(run):
@@ -274,11 +283,13 @@ def check_run_folder(run: str, budget_name: str, seed: int, temperature: str,
 
 
 def run_seed(out: str, budget_name: str, seed: int, temperature_mode: str,
-             overwrite: bool, detic: bool = False) -> Dict:
+             overwrite: bool, detic: bool = False, teacher_crop_context: float = 0.0) -> Dict:
     run = os.path.join(out, f"seed_{seed}")
-    check_run_folder(run, budget_name, seed, temperature_mode, overwrite)
+    check_run_folder(run, budget_name, seed, temperature_mode, overwrite, teacher_crop_context)
     world = os.path.join(run, "world")
-    commands = stages(run, world, BUDGETS[budget_name], seed, detic=detic)
+    build = functools.partial(stages, run, world, BUDGETS[budget_name], seed, detic=detic,
+                              teacher_crop_context=teacher_crop_context)
+    commands = build()
     weights = {name: WEIGHTS[name.split("_")[0]] for name in commands}
     seconds, temperature = {}, None
     with tqdm(total=sum(weights.values()), desc=f"toy world seed {seed}",
@@ -288,13 +299,12 @@ def run_seed(out: str, budget_name: str, seed: int, temperature_mode: str,
             if name not in ("world", "teacher") and temperature is None:  # the teacher has run
                 temperature = (teacher_temperature(f"{run}/teacher/model_final.pth")
                                if temperature_mode == "teacher" else 0.01)
-                commands = stages(run, world, BUDGETS[budget_name], seed, temperature,
-                                  detic)
+                commands = build(temperature)
             bar.set_postfix_str(name)
             seconds[name] = run_stage(name, commands[name], run)
             bar.update(weights[name])
     report = measure(run, world, seed, seconds)
-    report["temperature"] = temperature
+    report.update(temperature=temperature, teacher_crop_context=teacher_crop_context)
     write_report(run, report, seconds, {k: "python " + " ".join(v) for k, v in commands.items()},
                  {stage: loss_curve(f"{run}/{stage}") for stage in ("teacher", "rpn", "student",
                                                                     "transfer_from_student")})
@@ -320,8 +330,8 @@ def measure(run: str, world: str, seed: int, seconds: Dict[str, float]) -> Dict:
 def main(argv=None) -> Dict:
     args = parse_args(argv)
     out = os.path.abspath(args.out)
-    reports = [run_seed(out, args.budget, seed, args.temperature, args.overwrite, args.detic)
-               for seed in args.seeds]
+    reports = [run_seed(out, args.budget, seed, args.temperature, args.overwrite, args.detic,
+                        args.teacher_crop_context) for seed in args.seeds]
     summary = summarize(reports)
     with atomic_open(os.path.join(out, "report.json"), "w") as f:
         json.dump({**pick(summary, "mean"), "spread": pick(summary, "spread"),
@@ -332,7 +342,9 @@ def main(argv=None) -> Dict:
     held = "\n".join(f"- {name}: held on {v['held']} of {v['of']} seeds"
                      for name, v in summary["claims"].items())
     with atomic_open(os.path.join(out, "REPORT.md"), "w") as f:
-        f.write(f"# Toy world, seeds {args.seeds} ({args.budget} budget)\n\n{table}\n\n"
+        crops = (f", teacher crops {args.teacher_crop_context:g}x" if args.teacher_crop_context
+                 else "")
+        f.write(f"# Toy world, seeds {args.seeds} ({args.budget} budget{crops})\n\n{table}\n\n"
                 f"## Claims\n\n{held}\n")
     print(table)
     print(held)
