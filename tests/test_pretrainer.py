@@ -98,6 +98,8 @@ def test_teacher_crop_encodes_the_resampled_region_as_a_whole_image(tmp_path):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     roialign = _from_clip(tmp_path).teacher_regions(image, [torch.tensor([[0.0, 0.0, 32.0, 32.0]])])
     assert not torch.allclose(roialign, expected, atol=1e-3)  # the original's way differs
+    for teacher in (model, _from_clip(tmp_path)):  # an image without proposals
+        assert teacher.teacher_regions(image, [torch.zeros(0, 4)]).shape == (0, expected.shape[1])
 
 
 def test_teacher_crops_train_and_a_negative_context_is_refused(tmp_path):

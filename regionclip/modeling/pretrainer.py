@@ -89,8 +89,8 @@ class PretrainFastRCNN(nn.Module):
         teacher_crop_context: 0 = the teacher embeds regions by RoIAlign on its own feature
             map (the original); > 0 = it encodes each region as a whole image: a square of
             this many times the box's longer side, resampled to its CLIP input size (the
-            image's outside is the mean colour). Crops read small regions better (docs/
-            TOYWORLD.md) at the cost of one teacher pass per region.
+            image's outside is the mean colour). Crops labelled regions better in the toy
+            world (docs/TOYWORLD.md), at the cost of one teacher pass per region.
         gather: all-gather image and caption embeddings across processes.
     """
 
