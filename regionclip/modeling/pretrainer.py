@@ -11,10 +11,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import roi_align
 
 from ..structures import ImageList
-from .clip_resnet import INFERENCE_CHUNK, CLIPResNet
+from .clip_resnet import INFERENCE_CHUNK, CLIPResNet, pool_regions
 from .pretrain_losses import (
     DEFAULT_TEMPERATURE,
     TEACHER_TEMPERATURE,
@@ -211,12 +210,10 @@ class PretrainFastRCNN(nn.Module):
             res4 = self.teacher_backbone(normalized)["res4"]
             return self.teacher_backbone.embed_regions(res4, boxes, self.teacher_pooler_resolution)
         squares = [context_squares(b, self.teacher_crop_context) for b in boxes]
-        crops = roi_align(normalized, squares, self.teacher_backbone.variant.image_size,
-                          aligned=True)
-        if not len(crops):
-            return crops.new_zeros(0, self.teacher_backbone.variant.embed_dim)
-        encode = self.teacher_backbone.encode_image
-        return torch.cat([encode(chunk) for chunk in crops.split(INFERENCE_CHUNK)])
+        crops = pool_regions(normalized, squares, self.teacher_backbone.variant.image_size,
+                             stride=1)
+        chunks = crops.split(INFERENCE_CHUNK) if len(crops) else [crops]
+        return torch.cat([self.teacher_backbone.encode_image(chunk) for chunk in chunks])
 
     def _image_text_loss(self, batched_inputs, res4, image_sizes) -> torch.Tensor:
         boxes = whole_image_boxes(image_sizes, self.device)
