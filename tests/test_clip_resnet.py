@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torchvision
 from _clip_utils import official_backbone_shapes, openclip_reference, visual_state_dict
 
 from regionclip.config.variants import get_variant
@@ -96,6 +97,23 @@ def test_convert_frozen_batchnorm_keeps_eval_output():
     frozen = convert_frozen_batchnorm(block)
     assert isinstance(frozen[0], FrozenBatchNorm2d)
     torch.testing.assert_close(frozen(x), expected)
+
+
+def test_frozen_batchnorm_is_bit_identical_to_torchvision():
+    """ops.FrozenBatchNorm2d saves a temporary; outputs and input gradients stay torchvision's."""
+    reference = torchvision.ops.misc.FrozenBatchNorm2d(5)
+    for buffer in reference.buffers():
+        buffer.uniform_(0.3, 2.0)
+    ours = FrozenBatchNorm2d(5)
+    ours.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 5, 7, 9, requires_grad=True)
+    expected, actual = reference(x), ours(x)
+    assert torch.equal(actual, expected)
+    assert torch.equal(torch.autograd.grad(actual.square().sum(), x)[0],
+                       torch.autograd.grad(expected.square().sum(), x)[0])
+    half = x.detach().bfloat16()
+    assert actual.dtype == ours(half).dtype == reference(half).dtype == torch.float32
+    assert torch.equal(ours(half), reference(half))
 
 
 def _trainable_groups(trunk):
