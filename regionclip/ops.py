@@ -9,8 +9,7 @@ import torch
 
 try:
     import torchvision
-    from torchvision.ops import batched_nms, box_iou, nms, roi_align
-    from torchvision.ops import misc
+    from torchvision.ops import batched_nms, box_iou, misc, nms, roi_align
 
     nms(torch.zeros(1, 4), torch.zeros(1), 0.5)  # forces the compiled op to load
 except (ImportError, RuntimeError) as e:  # pragma: no cover - depends on the install
