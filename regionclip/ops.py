@@ -26,7 +26,7 @@ class FrozenBatchNorm2d(misc.FrozenBatchNorm2d):
     """torchvision's frozen batch norm with bit-identical outputs, one full-size temporary
     fewer: the bias is added in place to the product. Every ResNet layer of every model runs
     through it, and on the CPU a pass over a large activation costs as much as writing fresh
-    memory; 1.6-2.7x faster per call measured on 2 cores (benchmarks/README.md)."""
+    memory; 1.6-3.2x faster per call measured on 2 cores (benchmarks/frozen_bn.py)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
