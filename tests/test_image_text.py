@@ -1,6 +1,7 @@
 """Image-caption pretraining data: the three on-disk forms, skipping, splitting, transforms."""
 import io
 import json
+import logging
 import os
 import random
 import tarfile
@@ -420,6 +421,18 @@ def test_build_from_config_joins_datasets(tmp_path):
     cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS = 4, 0
     batch = next(iter(build_image_text_loader(cfg, dataset)))
     assert isinstance(batch, list) and len(batch) == 4 and "tokens" in batch[0]
+
+
+def test_loader_says_aspect_ratio_grouping_is_not_applied(tmp_path, caplog):
+    jsonl = write_jsonl_dataset(tmp_path, 4, 1, SIZE)
+    cfg = _image_text_cfg(("mine",), ("ImageCaptionJsonl",), (jsonl,))
+    cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS = 2, 0
+    for grouping in (False, True):
+        cfg.DATALOADER.ASPECT_RATIO_GROUPING = grouping
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="regionclip.data.image_text_loader"):
+            build_image_text_loader(cfg)
+        assert ("ASPECT_RATIO_GROUPING is not applied" in caplog.text) == grouping
 
 
 def test_config_errors(tmp_path):

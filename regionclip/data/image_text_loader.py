@@ -160,6 +160,10 @@ def build_image_text_loader(cfg, dataset: Optional[ImageTextDataset] = None) -> 
     if total % world_size:
         raise ConfigError(f"SOLVER.IMS_PER_BATCH {total} is not divisible by the {world_size} "
                           "processes")
+    if cfg.DATALOADER.ASPECT_RATIO_GROUPING:
+        # Images are decoded as they stream in, so their sizes are not known ahead of batching.
+        logger.warning("DATALOADER.ASPECT_RATIO_GROUPING is not applied to image-text data: "
+                       "its batches mix orientations; set it False to say so in the config")
     loader = ImageTextLoader(dataset, total // world_size, cap_workers(cfg.DATALOADER.NUM_WORKERS))
     for source in dataset.sources:
         size = f"{len(source)} items" if source.indexed else f"{len(source.shards)} shards"
