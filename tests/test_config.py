@@ -189,6 +189,17 @@ def test_unknown_key_in_a_base_file_names_that_file(tmp_path):
     assert isinstance(info.value, KeyError) and isinstance(info.value, ValueError)
 
 
+def test_an_option_after_the_overrides_says_where_options_go(tmp_path):
+    path = _write(tmp_path / "c.yaml", "SEED: 1\n")
+    with pytest.raises(ConfigError, match="--names \\(command-line options go before"):
+        load_config(path, ["MODEL.WEIGHTS", "w.pth", "--names", "names.txt"])
+    with pytest.raises(ConfigError, match="odd count.*options go before"):
+        load_config(path, ["MODEL.WEIGHTS", "w.pth", "--eval-only"])
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["MODEL.WEIGHT", "w.pth", "SEED", "-1"])
+    assert "did you mean MODEL.WEIGHTS" in str(info.value) and "options" not in str(info.value)
+
+
 def test_wrong_type_in_a_file_names_key_and_file(tmp_path):
     path = _write(tmp_path / "bad.yaml", "MODEL:\n  ROI_HEADS:\n    NUM_CLASSES: many\n")
     with pytest.raises(ValueError, match="MODEL.ROI_HEADS.NUM_CLASSES") as info:

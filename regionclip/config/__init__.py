@@ -132,11 +132,16 @@ def _all_keys(node: CfgNode, prefix: str = "") -> List[str]:
     return keys
 
 
+# argparse hands every argument after the first override to the overrides, options included.
+OPTION_HINT = "command-line options go before the KEY VALUE overrides"
+
+
 def _unknown_key_message(known: List[str], unknown: Sequence[str], source: str) -> str:
     lines = [f"Unknown config key(s) in {source}:"]
     for key in unknown:
         close = difflib.get_close_matches(key, known, n=1)
-        lines.append(f"  {key}" + (f" (did you mean {close[0]}?)" if close else ""))
+        hint = OPTION_HINT if key.startswith("-") else close and f"did you mean {close[0]}?"
+        lines.append(f"  {key}" + (f" ({hint})" if hint else ""))
     return "\n".join(lines)
 
 
@@ -166,7 +171,9 @@ def merge_overrides(
     """Merge ``["KEY", "VALUE", ...]`` into ``cfg`` (in place); return ``cfg``."""
     overrides = list(overrides)
     if len(overrides) % 2:
-        raise ConfigError(f"{source}: expected KEY VALUE pairs, got an odd count: {overrides}")
+        hint = f" ({OPTION_HINT})" if any(str(o).startswith("--") for o in overrides) else ""
+        raise ConfigError(f"{source}: expected KEY VALUE pairs, got an odd count: {overrides}"
+                          f"{hint}")
     pairs = [(str(key), value) for key, value in zip(overrides[0::2], overrides[1::2])]
     _merge_pairs(cfg, pairs, source)
     return cfg
