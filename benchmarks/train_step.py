@@ -11,7 +11,10 @@ after the 800-pixel resize) with 4 ground-truth boxes each. Median over --iters 
 Peak memory: on CUDA torch.cuda.max_memory_allocated over the timed steps; on the CPU the
 growth of the process's peak resident set (ru_maxrss) over the model-loaded baseline.
 
-Usage: python benchmarks/train_step.py [--device cpu cuda] [--iters 3] [--amp]
+``--channels-last`` adds a row per device with ``MODEL.CHANNELS_LAST True`` and its speed-up
+over the default layout measured in the same run.
+
+Usage: python benchmarks/train_step.py [--device cpu cuda] [--iters 3] [--amp] [--channels-last]
 """
 import argparse
 import sys
@@ -32,9 +35,10 @@ BOXES_PER_IMAGE = 4
 NUM_CLASSES = 48
 
 
-def build(device: str, amp: bool):
+def build(device: str, amp: bool, channels_last: bool):
     overrides = [
         "MODEL.DEVICE", device, "OUTPUT_DIR", "", "SOLVER.AMP.ENABLED", str(amp),
+        "MODEL.CHANNELS_LAST", str(channels_last),
         "MODEL.CLIP.OFFLINE_RPN_CONFIG", str(CONFIGS / "mask_rcnn_R_50_C4_1x_ovd_FSD.yaml"),
     ]
     cfg = load_config(str(CONFIGS / "CLIP_fast_rcnn_R_50_C4_ovd.yaml"), overrides)
@@ -58,9 +62,10 @@ def synthetic_batch(gen: torch.Generator, device: str):
     return batch
 
 
-def benchmark(device: str, iters: int, warmup: int, amp: bool) -> dict:
+def benchmark(device: str, iters: int, warmup: int, amp: bool, channels_last: bool) -> dict:
     gen = torch.Generator().manual_seed(0)
-    trainer = build(device, amp)
+    torch.manual_seed(0)  # the same random weights in both layouts
+    trainer = build(device, amp, channels_last)
     batch = synthetic_batch(gen, device)
     timed = time_steps(lambda it: trainer.run_step(it, batch), device, iters, warmup)
     return {"step": timed["step"], "memory": timed["memory"], "losses": timed["result"]}
@@ -74,6 +79,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--amp", action="store_true",
                         help="mixed precision (float16 on CUDA, bfloat16 on the CPU)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="also time MODEL.CHANNELS_LAST True against the default layout")
     args = parser.parse_args(argv)
     if any(d.startswith("cuda") for d in args.device) and not torch.cuda.is_available():
         sys.exit("--device cuda was asked for but no GPU is available")
@@ -81,14 +88,21 @@ def main(argv=None) -> None:
     print(f"RN50 COCO OVD fine-tuning step, batch {BATCH} of {IMAGE_HW[0]}x{IMAGE_HW[1]}, "
           f"AMP {'on' if args.amp else 'off'}; median of {args.iters} steps after "
           f"{args.warmup} warm-up")
-    header = ("device", "threads", "step ms", "iter/s", "peak MiB", "losses")
+    header = ("device", "layout", "threads", "step ms", "iter/s", "x default", "peak MiB",
+              "losses")
     print("  ".join(f"{h:>9}" for h in header))
     for device in args.device:
-        r = benchmark(device, args.iters, args.warmup, args.amp)
-        losses = " ".join(f"{k}={v:.3g}" for k, v in sorted(r["losses"].items()))
-        row = [device, torch.get_num_threads(), f"{r['step'] * 1000:.0f}",
-               f"{1 / r['step']:.2f}", f"{r['memory']:.0f}", losses]
-        print("  ".join(f"{str(v):>9}" for v in row))
+        default = None
+        for channels_last in (False, True)[:1 + args.channels_last]:
+            r = benchmark(device, args.iters, args.warmup, args.amp, channels_last)
+            default = default or r["step"]
+            # The CPU's peak resident set only grows: a second model's is hidden by the first's.
+            memory = "n/a" if channels_last and device == "cpu" else f"{r['memory']:.0f}"
+            losses = " ".join(f"{k}={v:.3g}" for k, v in sorted(r["losses"].items()))
+            row = [device, "chan-last" if channels_last else "default", torch.get_num_threads(),
+                   f"{r['step'] * 1000:.0f}", f"{1 / r['step']:.2f}",
+                   f"{default / r['step']:.2f}", memory, losses]
+            print("  ".join(f"{str(v):>9}" for v in row), flush=True)
 
 
 if __name__ == "__main__":

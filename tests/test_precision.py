@@ -10,7 +10,7 @@ import pytest
 import torch
 from _agreement import matched_fraction
 from open_clip.modified_resnet import AttentionPool2d
-from test_detector import TINY_CONFIG, _image, _rpn_model
+from test_detector import TINY_CONFIG, _boxes, _image, _input, _rpn_model
 
 from regionclip.config import load_config
 from regionclip.modeling.build import build_model
@@ -75,10 +75,10 @@ def test_the_fast_copy_follows_the_weights_and_stays_out_of_checkpoints(tmp_path
     model.precision = "fp32-fast"
     first = model.trunk()
     assert model.trunk() is first and first is not model.backbone
-    model.backbone.layer4[0].conv1.weight.mul_(2)  # an optimizer step or a loaded checkpoint
+    model.backbone.layer4[0].conv2.weight.mul_(2)  # an optimizer step or a loaded checkpoint
     second = model.trunk()
     assert second is not first
-    torch.testing.assert_close(second.layer4[0].conv1.weight, 2 * first.layer4[0].conv1.weight)
+    torch.testing.assert_close(second.layer4[0].conv2.weight, 2 * first.layer4[0].conv2.weight)
     assert set(model.state_dict()) == keys
     model.train()
     assert model.trunk() is model.backbone  # training always sees the original
@@ -118,3 +118,53 @@ def test_gpu_detections_agree_with_cpu(tmp_path, precision):
           for results in (cpu, gpu)],
         score_tol=1e-4 if precision == "fp32" else 0.02)
     assert total > 20 and matched >= 0.99 * total
+
+
+@torch.no_grad()
+def test_channels_last_gives_the_same_detections_up_to_rounding(tmp_path):
+    default = _rpn_model(tmp_path, *FUSED)
+    channels_last = _rpn_model(tmp_path, *FUSED, "MODEL.CHANNELS_LAST", "True")
+    conv = channels_last.backbone.layer4[0].conv2.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert not default.backbone.layer4[0].conv2.weight.is_contiguous(
+        memory_format=torch.channels_last)
+    channels_last.load_state_dict(default.state_dict())  # the layout survives loading
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    inputs = [{"image": _image(64, 96, seed=s)} for s in range(3)]
+    results = [[(r.pred_boxes.tensor, r.scores, r.pred_classes) for r in
+                (out["instances"] for out in model.inference(inputs))]
+               for model in (default, channels_last)]
+    matched, total = matched_fraction(*results, min_iou=0.999, score_tol=1e-5)
+    assert total > 20 and matched == total
+
+
+def test_channels_last_trains_the_same_model_up_to_rounding(tmp_path):
+    """Two SGD steps of the same detector in both layouts: equal losses to float rounding, the
+    layout kept by the optimizer, and a saved channels-last state dict loads into a default
+    model unchanged."""
+    models = [_rpn_model(tmp_path, "MODEL.CHANNELS_LAST", str(flag)).train()
+              for flag in (False, True)]
+    models[1].load_state_dict(models[0].state_dict())
+    batch = [_input(_image(64, 96, seed=s), _boxes(3, 64, 96, seed=s)) for s in range(2)]
+    for x in batch:
+        x["instances"].gt_classes = torch.tensor([0, 1, 2])
+    losses = []
+    for model in models:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        torch.manual_seed(0)  # the same RoI samples
+        for _ in range(2):
+            loss = sum(model(batch).values())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    default, channels_last = models
+    assert channels_last.backbone.layer4[0].conv2.weight.is_contiguous(
+        memory_format=torch.channels_last)  # the optimizer steps kept the layout
+    torch.save(channels_last.state_dict(), tmp_path / "model.pth")
+    default.load_state_dict(torch.load(tmp_path / "model.pth", weights_only=True))
+    for key, value in channels_last.state_dict().items():
+        assert torch.equal(default.state_dict()[key], value), key
+    assert not default.backbone.layer4[0].conv2.weight.is_contiguous(
+        memory_format=torch.channels_last)

@@ -236,6 +236,8 @@ def build_model(cfg) -> torch.nn.Module:
         raise ValueError(f"MODEL.META_ARCHITECTURE {name!r} is not available; valid names: "
                          f"{sorted(META_ARCHITECTURES)}")
     model = META_ARCHITECTURES[name](cfg)
+    if cfg.MODEL.CHANNELS_LAST:  # conv weights; activations follow them
+        model = model.to(memory_format=torch.channels_last)
     device = cfg.MODEL.DEVICE
     if device.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("MODEL.DEVICE is %s but no GPU is available: running on the CPU", device)
