@@ -25,25 +25,35 @@ def peak_memory_mib(device: str, baseline: float) -> float:
 
 def time_steps(step, device: str, iters: int, warmup: int) -> dict:
     """Median seconds of ``step(iteration)`` over ``iters`` calls after ``warmup`` calls, the
-    peak memory and the last call's return value.
+    peak memory and the last call's return value."""
+    return time_interleaved([step], device, iters, warmup)[0]
 
-    On the CPU the peak resident set only grows, so its baseline is taken before the warm-up
-    (the model already loaded); on CUDA the peak counter is reset after the warm-up.
+
+def time_interleaved(steps, device: str, iters: int, warmup: int) -> list:
+    """``time_steps`` for several step functions, called in turn at every iteration, so that
+    load from other programs affects all alike; one result per step.
+
+    Peak memory is known for a single step only (None for several, whose models all stay
+    loaded): on the CPU the peak resident set only grows, so its baseline is taken before the
+    warm-up (the model already loaded); on CUDA the peak counter is reset after the warm-up.
     """
     baseline = peak_rss_mib()
     for iteration in range(warmup):  # allocator, kernels, thread pools
-        step(iteration)
+        for step in steps:
+            step(iteration)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    times, result = [], None
+    times, results = [[] for _ in steps], [None] * len(steps)
     for iteration in range(warmup, warmup + iters):
-        sync(device)
-        start = time.perf_counter()
-        result = step(iteration)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return {"step": statistics.median(times), "memory": peak_memory_mib(device, baseline),
-            "result": result}
+        for i, step in enumerate(steps):
+            sync(device)
+            start = time.perf_counter()
+            results[i] = step(iteration)
+            sync(device)
+            times[i].append(time.perf_counter() - start)
+    memory = peak_memory_mib(device, baseline) if len(steps) == 1 else None
+    return [{"step": statistics.median(t), "result": r, "memory": memory}
+            for t, r in zip(times, results)]
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ Peak memory: on CUDA torch.cuda.max_memory_allocated over the timed steps; on th
 growth of the process's peak resident set (ru_maxrss) over the model-loaded baseline.
 
 ``--channels-last`` adds a row per device with ``MODEL.CHANNELS_LAST True`` and its speed-up
-over the default layout measured in the same run.
+over the default layout, the two models' steps interleaved (peak memory then not measured).
 
 Usage: python benchmarks/train_step.py [--device cpu cuda] [--iters 3] [--amp] [--channels-last]
 """
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
-from _common import time_steps
+from _common import time_interleaved
 
 from regionclip.config import load_config
 from regionclip.engine.trainer import build_trainer
@@ -62,13 +62,16 @@ def synthetic_batch(gen: torch.Generator, device: str):
     return batch
 
 
-def benchmark(device: str, iters: int, warmup: int, amp: bool, channels_last: bool) -> dict:
+def benchmark(device: str, iters: int, warmup: int, amp: bool, layouts) -> list:
+    """One result per layout (False: default, True: channels-last), timed interleaved."""
     gen = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)  # the same random weights in both layouts
-    trainer = build(device, amp, channels_last)
     batch = synthetic_batch(gen, device)
-    timed = time_steps(lambda it: trainer.run_step(it, batch), device, iters, warmup)
-    return {"step": timed["step"], "memory": timed["memory"], "losses": timed["result"]}
+    steps = []
+    for channels_last in layouts:
+        torch.manual_seed(0)  # the same random weights in every layout
+        trainer = build(device, amp, channels_last)
+        steps.append(lambda it, trainer=trainer: trainer.run_step(it, batch))
+    return time_interleaved(steps, device, iters, warmup)
 
 
 def main(argv=None) -> None:
@@ -91,17 +94,15 @@ def main(argv=None) -> None:
     header = ("device", "layout", "threads", "step ms", "iter/s", "x default", "peak MiB",
               "losses")
     print("  ".join(f"{h:>9}" for h in header))
+    layouts = (False, True) if args.channels_last else (False,)
     for device in args.device:
-        default = None
-        for channels_last in (False, True)[:1 + args.channels_last]:
-            r = benchmark(device, args.iters, args.warmup, args.amp, channels_last)
-            default = default or r["step"]
-            # The CPU's peak resident set only grows: a second model's is hidden by the first's.
-            memory = "n/a" if channels_last and device == "cpu" else f"{r['memory']:.0f}"
-            losses = " ".join(f"{k}={v:.3g}" for k, v in sorted(r["losses"].items()))
+        results = benchmark(device, args.iters, args.warmup, args.amp, layouts)
+        for channels_last, r in zip(layouts, results):
+            memory = "n/a" if r["memory"] is None else f"{r['memory']:.0f}"
+            losses = " ".join(f"{k}={v:.3g}" for k, v in sorted(r["result"].items()))
             row = [device, "chan-last" if channels_last else "default", torch.get_num_threads(),
                    f"{r['step'] * 1000:.0f}", f"{1 / r['step']:.2f}",
-                   f"{default / r['step']:.2f}", memory, losses]
+                   f"{results[0]['step'] / r['step']:.2f}", memory, losses]
             print("  ".join(f"{str(v):>9}" for v in row), flush=True)
 
 
