@@ -5,9 +5,7 @@ import copy
 import logging
 import math
 
-import lvis.eval
 import numpy as np
-from lvis import LVIS, LVISEval, LVISResults
 
 from regionclip.data.coco import check_coco_dataset
 from regionclip.evaluation.coco import warn_nothing_to_evaluate
@@ -18,6 +16,8 @@ logger = logging.getLogger(__name__)
 LVIS_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 # The official LVIS protocol ranks up to 300 detections per image.
 LVIS_MAX_DETS = 300
+# The lvis package is imported where it is used: its import loads matplotlib.pyplot (about
+# 0.8 s), which every command would otherwise pay at start-up.
 
 
 class LVISEvaluator(ResultsEvaluator):
@@ -77,6 +77,8 @@ class LVISEvaluator(ResultsEvaluator):
 def _load_lvis(json_file):
     """The lvis API's index of ``json_file``, checked as the training data is (the index keeps
     the last of repeated ids, which would score one image's boxes against another's)."""
+    from lvis import LVIS
+
     lvis_gt = LVIS(json_file)
     check_coco_dataset(lvis_gt.dataset, json_file, image_key="coco_url")
     return lvis_gt
@@ -84,6 +86,8 @@ def _load_lvis(json_file):
 
 def run_lvis_eval(lvis_gt, results, iou_type, max_dets_per_image=LVIS_MAX_DETS):
     """Run LVISEval on result dicts (copied: the lvis API adds fields to them)."""
+    from lvis import LVISEval, LVISResults
+
     results = copy.deepcopy(results)
     if iou_type == "segm":
         # Without the box, the lvis API uses the mask area for the small/medium/large bins.
@@ -112,6 +116,8 @@ def lvis_numpy_compat():
     lvis 0.5.3, the latest release, calls ``np.float`` in ``accumulate``. Only the ``np`` name
     inside ``lvis.eval`` is swapped, and only while the block runs; numpy itself is untouched.
     """
+    import lvis.eval
+
     original = lvis.eval.np
     lvis.eval.np = _NumpyWithFloatAlias()
     try:
