@@ -57,21 +57,26 @@ CONFIGS = os.path.join(ROOT, "configs", "toyworld")
 
 @dataclass(frozen=True)
 class Budget:
-    """World sizes and training iterations of one run."""
+    """World sizes, batch sizes and training iterations of one run (the full budget's batches
+    are those of the configs)."""
 
     world: WorldSizes
     teacher_batch: int
     teacher_iters: int
     rpn_iters: int
+    pretrain_batch: int
     pretrain_iters: int
+    transfer_batch: int
     transfer_iters: int
 
 
 BUDGETS = {
     "full": Budget(WorldSizes(1200, 200, 300, 4000, 4000), teacher_batch=256,
-                   teacher_iters=1000, rpn_iters=300, pretrain_iters=200, transfer_iters=200),
+                   teacher_iters=1000, rpn_iters=300, pretrain_batch=32, pretrain_iters=200,
+                   transfer_batch=16, transfer_iters=200),
     "quick": Budget(WorldSizes(40, 8, 12, 128, 128), teacher_batch=32, teacher_iters=10,
-                    rpn_iters=10, pretrain_iters=3, transfer_iters=3),
+                    rpn_iters=10, pretrain_batch=8, pretrain_iters=3, transfer_batch=4,
+                    transfer_iters=3),
 }
 
 
@@ -158,6 +163,7 @@ def stages(run: str, world: str, budget: Budget, seed: int, temperature: float =
                                                   "MODEL.WEIGHTS", teacher]
     commands["student"] = train_net + [
         "--config-file", f"{CONFIGS}/pretrain.yaml", *pairs, *_iters(budget.pretrain_iters),
+        "SOLVER.IMS_PER_BATCH", str(budget.pretrain_batch),
         "MODEL.WEIGHTS", teacher, "MODEL.CLIP.BB_RPN_WEIGHTS", rpn,
         "MODEL.CLIP.CONCEPT_POOL_EMB", f"{concepts}/pool.pth", *temp,
         *(["MODEL.CLIP.TEACHER_CROP_CONTEXT", f"{teacher_crop_context:g}"]
@@ -178,7 +184,8 @@ def stages(run: str, world: str, budget: Budget, seed: int, temperature: float =
         commands[f"transfer_{name}"] = train_net + [
             "--config-file", f"{CONFIGS}/transfer.yaml", "DATASETS.TRAIN", _tuple(det["train"]),
             "DATASETS.TEST", _tuple(det["test"]), *_iters(budget.transfer_iters),
-            "MODEL.WEIGHTS", weights, "MODEL.CLIP.BB_RPN_WEIGHTS", rpn,
+            "SOLVER.IMS_PER_BATCH", str(budget.transfer_batch), "MODEL.WEIGHTS", weights,
+            "MODEL.CLIP.BB_RPN_WEIGHTS", rpn,
             "MODEL.CLIP.TEXT_EMB_PATH", f"{concepts}/classes_base.pth",
             "MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH", f"{concepts}/classes_all.pth",
             "MODEL.CLIP.FOCAL_SCALED_LOSS", focal, "SEED", str(seed), *temp,
