@@ -194,12 +194,14 @@ class Detector:
         """
         if self._vocabulary is None:
             raise RuntimeError("no vocabulary: call set_vocabulary(['class name', ...]) first")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         single = not isinstance(images, (list, tuple))
         images = [images] if single else list(images)
         regions = self._region_lists(boxes, single, len(images))
         if progress is None:
             progress = len(images) > 1 or self.device.type == "cpu"
-        results, step = [], max(1, batch_size)
+        results, step = [], batch_size
         with progress_bar(len(images), "Detecting", "image", progress, leave=not single) as bar:
             for start in range(0, len(images), step):
                 chunk = slice(start, start + step)

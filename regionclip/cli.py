@@ -20,6 +20,13 @@ from typing import Sequence
 logger = logging.getLogger("regionclip")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model (defaults follow the checkpoint, see MODEL_ZOO.md)")
     group.add_argument("--weights", required=True, help="RegionCLIP checkpoint (.pth)")
@@ -57,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--score-threshold", type=float, help="replaces the config's threshold")
     detect.add_argument("--vis-threshold", type=float, default=0.05,
                         help="minimum score of a drawn detection")
-    detect.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    detect.add_argument("--batch-size", type=_positive_int, default=1,
+                        help="images per forward pass")
     _model_arguments(detect)
     embed = commands.add_parser("embed", help="region embeddings of given boxes in an image",
                                 description="Region embeddings (unit norm) of given boxes in "

@@ -116,6 +116,8 @@ def check_writable(path: str, folder: str, option: str) -> None:
 
 
 def check_out(path: str) -> None:
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"--out {path} is a folder; give a file path inside it")
     check_writable(path, os.path.dirname(os.path.abspath(path)), "--out")
 
 

@@ -219,6 +219,14 @@ def test_api_rejects_non_finite_embeddings_naming_rows_and_file(pretrained, tmp_
     assert detector.vocabulary is None
 
 
+def test_api_refuses_a_batch_size_below_one(pretrained, tmp_path):
+    detector = tiny_detector(pretrained, tmp_path / "cache")
+    detector.set_vocabulary(CLASSES)
+    image = torch.randint(0, 256, (48, 64, 3), dtype=torch.uint8).numpy()
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        detector([image], batch_size=0)
+
+
 @pytest.mark.parametrize("how", ["garbage", "truncated"])
 def test_api_names_a_damaged_embedding_file(pretrained, tmp_path, how):
     detector = tiny_detector(pretrained, tmp_path / "cache")

@@ -214,3 +214,21 @@ def test_unwritable_outputs_stop_detect_before_the_model_loads(
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and folder in error, error
     assert not (tmp_path / "out.json").exists()
+
+
+def test_an_out_path_that_is_a_folder_stops_detect_before_the_model_loads(
+        weights, tmp_path, capsys, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(regionclip.Detector, "from_pretrained", no_model)
+    assert main(detect_args(weights, tmp_path, out=tmp_path)) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and f"--out {tmp_path} is a folder" in error, error
+
+
+def test_a_batch_size_below_one_is_refused_naming_the_option(weights, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(detect_args(weights, tmp_path, "--batch-size", "0"))
+    assert exit_info.value.code == 2
+    assert "--batch-size: must be at least 1, got 0" in capsys.readouterr().err
