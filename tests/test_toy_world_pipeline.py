@@ -5,6 +5,7 @@ about the paper's claims (docs/TOYWORLD.md); the full budget measures them."""
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 
@@ -45,6 +46,11 @@ def test_quick_toy_world_runs_every_stage_and_resumes(tmp_path):
         assert os.path.isfile(os.path.join(seed_dir, name)), name
     assert len(os.listdir(os.path.join(seed_dir, "drawings"))) == 6
     assert "from student" in open(os.path.join(out, "REPORT.md")).read()
+    commands = json.load(open(os.path.join(seed_dir, "report.json")))["commands"]
+    for command in commands.values():  # as REPORT.md lists them: pasteable into a shell
+        assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0, command
+    rpn = shlex.split(commands["rpn"])
+    assert rpn[rpn.index("DATASETS.TEST") + 1].startswith("('coco_json:")
 
     again = _run("--out", out, "--budget", "quick")
     assert again.returncode == 0, again.stderr[-2000:]

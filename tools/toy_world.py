@@ -3,7 +3,7 @@
 
     python tools/toy_world.py --out output/toyworld                # one seed
     python tools/toy_world.py --out output/toyworld --seeds 0 1 2  # mean ± spread over seeds
-    python tools/toy_world.py --out output/toyworld_quick --budget quick   # a 3-minute smoke run
+    python tools/toy_world.py --out output/toyworld_quick --budget quick   # a 2-3 minute smoke run
     python tools/toy_world.py --out output/toyworld --detic        # + Detic's comparison
 
 Each stage is the command a user runs on real data (``tools/make_toy_world.py``,
@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -314,7 +315,7 @@ def run_seed(out: str, budget_name: str, seed: int, temperature_mode: str,
             bar.update(weights[name])
     report = measure(run, world, seed, seconds)
     report.update(temperature=temperature, teacher_crop_context=teacher_crop_context)
-    write_report(run, report, seconds, {k: "python " + " ".join(v) for k, v in commands.items()},
+    write_report(run, report, seconds, {k: "python " + shlex.join(v) for k, v in commands.items()},
                  {stage: loss_curve(f"{run}/{stage}") for stage in ("teacher", "rpn", "student",
                                                                     "transfer_from_student")})
     return report
