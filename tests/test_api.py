@@ -258,7 +258,8 @@ def test_bad_images_raise_clear_errors(detector, tmp_path):
 
 @pytest.mark.parametrize("names, message", [
     ([], "empty vocabulary"), (["cat", "dog", "cat"], "duplicate.*cat"),
-    (["cat", "  "], "blank"), ("cat", "list of class-name strings")])
+    (["cat", "  "], r"blank class name\(s\) at position\(s\) \[2\]"),
+    ("cat", "list of class-name strings")])
 def test_bad_vocabularies(detector, names, message):
     with pytest.raises(ValueError, match=message):
         detector.set_vocabulary(names)

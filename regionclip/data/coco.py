@@ -330,9 +330,10 @@ def check_class_names(names: Sequence[str], source: str = "the vocabulary") -> L
     names = list(names)
     if not names:
         raise ValueError(f"empty vocabulary: no class names in {source}")
-    blank = [i for i, n in enumerate(names) if not n.strip()]
+    blank = [i for i, n in enumerate(names, start=1) if not n.strip()]
     if blank:
-        raise ValueError(f"blank class name(s) at position(s) {blank} of {source}")
+        raise ValueError(f"blank class name(s) at position(s) {blank} of {source} (counting "
+                         "from 1)")
     duplicates = sorted(n for n, k in Counter(names).items() if k > 1)
     if duplicates:
         raise ValueError(f"duplicate class names in {source}: {duplicates}")
