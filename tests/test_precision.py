@@ -134,7 +134,9 @@ def test_channels_last_gives_the_same_detections_up_to_rounding(tmp_path):
     results = [[(r.pred_boxes.tensor, r.scores, r.pred_classes) for r in
                 (out["instances"] for out in model.inference(inputs))]
                for model in (default, channels_last)]
-    matched, total = matched_fraction(*results, min_iou=0.999, score_tol=1e-5)
+    # Rounding moves this random tiny RPN's boxes by up to 0.006 px and the fused scores (1 to
+    # 5 here) by up to 1e-4, depending on the thread count (measured with 1 and 2 threads).
+    matched, total = matched_fraction(*results, min_iou=0.999, score_tol=1e-3)
     assert total > 20 and matched == total
 
 
