@@ -146,6 +146,11 @@ def evaluate_sharded(json_path, image_dir, result_file):
 
 
 def distributed_checks(folder, json_path, image_dir):
-    """Worker of the distributed tests (one launch for both, to start processes once)."""
-    train_and_record(os.path.join(folder, "train"), 4, os.path.join(folder, "train.json"))
-    evaluate_sharded(json_path, image_dir, os.path.join(folder, "eval.json"))
+    """Worker of the distributed tests (one launch for both, to start processes once). The
+    one-process run is the test process itself: its thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        train_and_record(os.path.join(folder, "train"), 4, os.path.join(folder, "train.json"))
+        evaluate_sharded(json_path, image_dir, os.path.join(folder, "eval.json"))
+    finally:
+        torch.set_num_threads(threads)
