@@ -372,3 +372,13 @@ def test_dump_round_trips_and_leaves_no_temporary_files(tmp_path):
     assert Path(path) == tmp_path / "out" / "config.yaml"
     assert os.listdir(tmp_path / "out") == ["config.yaml"]
     assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize("overrides, lone", [
+    (["MODEL.WEIGHTS", "OUTPUT_DIR", "out"], "MODEL.WEIGHTS"),  # a value forgotten
+    (["OUTPUT_DIR", "out", "SOLVER.MAX_ITER"], "SOLVER.MAX_ITER"),  # the last one cut off
+])
+def test_an_odd_count_names_the_key_without_a_value(tmp_path, overrides, lone):
+    path = _write(tmp_path / "c.yaml", "SEED: 1\n")
+    with pytest.raises(ConfigError, match=f"odd count \\({lone} without a value\\)"):
+        load_config(path, overrides)

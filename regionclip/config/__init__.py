@@ -165,6 +165,18 @@ def merge_config_file(cfg: CfgNode, path: str) -> CfgNode:
     return cfg
 
 
+def _keys_without_value(cfg: CfgNode, overrides: Sequence[Any]) -> List[str]:
+    """The items followed by a known key or by nothing: where an odd count lost a value."""
+    known, lone, i = set(_all_keys(cfg)), [], 0
+    while i < len(overrides):
+        if i + 1 == len(overrides) or str(overrides[i + 1]) in known:
+            lone.append(str(overrides[i]))
+            i += 1
+        else:
+            i += 2
+    return lone
+
+
 def merge_overrides(
     cfg: CfgNode, overrides: Sequence[Any], source: str = OVERRIDES_SOURCE
 ) -> CfgNode:
@@ -172,8 +184,9 @@ def merge_overrides(
     overrides = list(overrides)
     if len(overrides) % 2:
         hint = f" ({OPTION_HINT})" if any(str(o).startswith("--") for o in overrides) else ""
-        raise ConfigError(f"{source}: expected KEY VALUE pairs, got an odd count: {overrides}"
-                          f"{hint}")
+        lone = ", ".join(_keys_without_value(cfg, overrides))
+        raise ConfigError(f"{source}: expected KEY VALUE pairs, got an odd count ({lone} without "
+                          f"a value): {overrides}{hint}")
     pairs = [(str(key), value) for key, value in zip(overrides[0::2], overrides[1::2])]
     _merge_pairs(cfg, pairs, source)
     return cfg
