@@ -64,6 +64,7 @@ class Budget:
     world: WorldSizes
     teacher_batch: int
     teacher_iters: int
+    rpn_batch: int
     rpn_iters: int
     pretrain_batch: int
     pretrain_iters: int
@@ -73,11 +74,11 @@ class Budget:
 
 BUDGETS = {
     "full": Budget(WorldSizes(1200, 200, 300, 4000, 4000), teacher_batch=256,
-                   teacher_iters=1000, rpn_iters=300, pretrain_batch=32, pretrain_iters=200,
-                   transfer_batch=16, transfer_iters=200),
+                   teacher_iters=1000, rpn_batch=16, rpn_iters=300, pretrain_batch=32,
+                   pretrain_iters=200, transfer_batch=16, transfer_iters=200),
     "quick": Budget(WorldSizes(40, 8, 12, 128, 128), teacher_batch=32, teacher_iters=10,
-                    rpn_iters=10, pretrain_batch=8, pretrain_iters=3, transfer_batch=4,
-                    transfer_iters=3),
+                    rpn_batch=4, rpn_iters=10, pretrain_batch=8, pretrain_iters=3,
+                    transfer_batch=4, transfer_iters=3),
 }
 
 
@@ -147,7 +148,8 @@ def stages(run: str, world: str, budget: Budget, seed: int, temperature: float =
                                 *_iters(budget.teacher_iters), "OUTPUT_DIR", f"{run}/teacher"],
         "rpn": train_net + ["--config-file", f"{CONFIGS}/rpn.yaml", "DATASETS.TRAIN",
                             _tuple(det["train"]), "DATASETS.TEST", _tuple(det["test"]),
-                            *_iters(budget.rpn_iters), "SEED", str(seed),
+                            *_iters(budget.rpn_iters), "SOLVER.IMS_PER_BATCH",
+                            str(budget.rpn_batch), "SEED", str(seed),
                             "OUTPUT_DIR", f"{run}/rpn"],
         "concept_nouns": [os.path.join(ROOT, "tools", "build_concept_nouns.py"), "--captions",
                           f"{world}/pretrain", "--vocabulary", f"{world}/vocabulary.txt",
