@@ -75,10 +75,10 @@ def test_the_fast_copy_follows_the_weights_and_stays_out_of_checkpoints(tmp_path
     model.precision = "fp32-fast"
     first = model.trunk()
     assert model.trunk() is first and first is not model.backbone
-    model.backbone.layer4[0].conv2.weight.mul_(2)  # an optimizer step or a loaded checkpoint
+    model.backbone.layer4[0].conv1.weight.mul_(2)  # an optimizer step or a loaded checkpoint
     second = model.trunk()
     assert second is not first
-    torch.testing.assert_close(second.layer4[0].conv2.weight, 2 * first.layer4[0].conv2.weight)
+    torch.testing.assert_close(second.layer4[0].conv1.weight, 2 * first.layer4[0].conv1.weight)
     assert set(model.state_dict()) == keys
     model.train()
     assert model.trunk() is model.backbone  # training always sees the original
