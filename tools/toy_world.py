@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from tqdm import tqdm
 
@@ -58,27 +58,26 @@ CONFIGS = os.path.join(ROOT, "configs", "toyworld")
 
 @dataclass(frozen=True)
 class Budget:
-    """World sizes, batch sizes and training iterations of one run (the full budget's batches
-    are those of the configs)."""
+    """World sizes, batch sizes and training iterations of one run; a batch size left None is
+    the config's."""
 
     world: WorldSizes
     teacher_batch: int
     teacher_iters: int
-    rpn_batch: int
     rpn_iters: int
-    pretrain_batch: int
     pretrain_iters: int
-    transfer_batch: int
     transfer_iters: int
+    rpn_batch: Optional[int] = None
+    pretrain_batch: Optional[int] = None
+    transfer_batch: Optional[int] = None
 
 
 BUDGETS = {
     "full": Budget(WorldSizes(1200, 200, 300, 4000, 4000), teacher_batch=256,
-                   teacher_iters=1000, rpn_batch=16, rpn_iters=300, pretrain_batch=32,
-                   pretrain_iters=200, transfer_batch=16, transfer_iters=200),
+                   teacher_iters=1000, rpn_iters=300, pretrain_iters=200, transfer_iters=200),
     "quick": Budget(WorldSizes(40, 8, 12, 128, 128), teacher_batch=32, teacher_iters=10,
-                    rpn_batch=4, rpn_iters=10, pretrain_batch=8, pretrain_iters=3,
-                    transfer_batch=4, transfer_iters=3),
+                    rpn_iters=10, pretrain_iters=3, transfer_iters=3, rpn_batch=4,
+                    pretrain_batch=8, transfer_batch=4),
 }
 
 
@@ -119,6 +118,10 @@ def _iters(count: int) -> List[str]:
     return ["SOLVER.MAX_ITER", str(count), "SOLVER.WARMUP_ITERS", str(max(1, count // 10))]
 
 
+def _batch(size: Optional[int]) -> List[str]:
+    return [] if size is None else ["SOLVER.IMS_PER_BATCH", str(size)]
+
+
 def teacher_temperature(weights: str) -> float:
     """1 / exp(logit_scale) of a CLIP checkpoint: the temperature its training learnt."""
     state_dict, _ = read_state_dict(weights)
@@ -148,8 +151,8 @@ def stages(run: str, world: str, budget: Budget, seed: int, temperature: float =
                                 *_iters(budget.teacher_iters), "OUTPUT_DIR", f"{run}/teacher"],
         "rpn": train_net + ["--config-file", f"{CONFIGS}/rpn.yaml", "DATASETS.TRAIN",
                             _tuple(det["train"]), "DATASETS.TEST", _tuple(det["test"]),
-                            *_iters(budget.rpn_iters), "SOLVER.IMS_PER_BATCH",
-                            str(budget.rpn_batch), "SEED", str(seed),
+                            *_iters(budget.rpn_iters), *_batch(budget.rpn_batch),
+                            "SEED", str(seed),
                             "OUTPUT_DIR", f"{run}/rpn"],
         "concept_nouns": [os.path.join(ROOT, "tools", "build_concept_nouns.py"), "--captions",
                           f"{world}/pretrain", "--vocabulary", f"{world}/vocabulary.txt",
@@ -166,7 +169,7 @@ def stages(run: str, world: str, budget: Budget, seed: int, temperature: float =
                                                   "MODEL.WEIGHTS", teacher]
     commands["student"] = train_net + [
         "--config-file", f"{CONFIGS}/pretrain.yaml", *pairs, *_iters(budget.pretrain_iters),
-        "SOLVER.IMS_PER_BATCH", str(budget.pretrain_batch),
+        *_batch(budget.pretrain_batch),
         "MODEL.WEIGHTS", teacher, "MODEL.CLIP.BB_RPN_WEIGHTS", rpn,
         "MODEL.CLIP.CONCEPT_POOL_EMB", f"{concepts}/pool.pth", *temp,
         *(["MODEL.CLIP.TEACHER_CROP_CONTEXT", f"{teacher_crop_context:g}"]
@@ -187,7 +190,7 @@ def stages(run: str, world: str, budget: Budget, seed: int, temperature: float =
         commands[f"transfer_{name}"] = train_net + [
             "--config-file", f"{CONFIGS}/transfer.yaml", "DATASETS.TRAIN", _tuple(det["train"]),
             "DATASETS.TEST", _tuple(det["test"]), *_iters(budget.transfer_iters),
-            "SOLVER.IMS_PER_BATCH", str(budget.transfer_batch), "MODEL.WEIGHTS", weights,
+            *_batch(budget.transfer_batch), "MODEL.WEIGHTS", weights,
             "MODEL.CLIP.BB_RPN_WEIGHTS", rpn,
             "MODEL.CLIP.TEXT_EMB_PATH", f"{concepts}/classes_base.pth",
             "MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH", f"{concepts}/classes_all.pth",
