@@ -1,10 +1,29 @@
 """Timing and memory helpers shared by the benchmark scripts (run them as scripts)."""
+import argparse
 import contextlib
 import resource
 import statistics
+import sys
 import time
 
 import torch
+
+
+def step_parser(description: str) -> argparse.ArgumentParser:
+    """The options every training-step benchmark takes: devices, timed and warm-up steps, AMP."""
+    parser = argparse.ArgumentParser(description=description)
+    default_devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    parser.add_argument("--device", nargs="+", default=default_devices)
+    parser.add_argument("--iters", type=int, default=3, help="timed steps per device")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision (float16 on CUDA, bfloat16 on the CPU)")
+    return parser
+
+
+def check_devices(devices) -> None:
+    if any(d.startswith("cuda") for d in devices) and not torch.cuda.is_available():
+        sys.exit("--device cuda was asked for but no GPU is available")
 
 
 def sync(device: str) -> None:

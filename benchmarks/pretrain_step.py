@@ -19,13 +19,11 @@ growth of the process's peak resident set (ru_maxrss) over the model-loaded base
 
 Usage: python benchmarks/pretrain_step.py [--device cpu cuda] [--iters 3] [--amp]
 """
-import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from _common import norms_from_inputs, time_steps
+from _common import check_devices, norms_from_inputs, step_parser, time_steps
 
 from regionclip.config import load_config
 from regionclip.engine.trainer import build_trainer
@@ -90,16 +88,9 @@ def benchmark(device: str, iters: int, warmup: int, amp: bool) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    parser.add_argument("--device", nargs="+", default=default_devices)
-    parser.add_argument("--iters", type=int, default=3, help="timed steps per device")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--amp", action="store_true",
-                        help="mixed precision (float16 on CUDA, bfloat16 on the CPU)")
+    parser = step_parser(__doc__.splitlines()[0])
     args = parser.parse_args(argv)
-    if any(d.startswith("cuda") for d in args.device) and not torch.cuda.is_available():
-        sys.exit("--device cuda was asked for but no GPU is available")
+    check_devices(args.device)
 
     print(f"RN50 region-text pretraining step (RN50 teacher, LVIS R50-FPN offline RPN, "
           f"{NUM_CONCEPTS} concepts), batch {BATCH} of {IMAGE_HW[0]}x{IMAGE_HW[1]}, AMP "

@@ -16,12 +16,10 @@ over the default layout, the two models' steps interleaved (peak memory then not
 
 Usage: python benchmarks/train_step.py [--device cpu cuda] [--iters 3] [--amp] [--channels-last]
 """
-import argparse
-import sys
 from pathlib import Path
 
 import torch
-from _common import time_interleaved
+from _common import check_devices, step_parser, time_interleaved
 
 from regionclip.config import load_config
 from regionclip.engine.trainer import build_trainer
@@ -75,18 +73,11 @@ def benchmark(device: str, iters: int, warmup: int, amp: bool, layouts) -> list:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    parser.add_argument("--device", nargs="+", default=default_devices)
-    parser.add_argument("--iters", type=int, default=3, help="timed steps per device")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--amp", action="store_true",
-                        help="mixed precision (float16 on CUDA, bfloat16 on the CPU)")
+    parser = step_parser(__doc__.splitlines()[0])
     parser.add_argument("--channels-last", action="store_true",
                         help="also time MODEL.CHANNELS_LAST True against the default layout")
     args = parser.parse_args(argv)
-    if any(d.startswith("cuda") for d in args.device) and not torch.cuda.is_available():
-        sys.exit("--device cuda was asked for but no GPU is available")
+    check_devices(args.device)
 
     print(f"RN50 COCO OVD fine-tuning step, batch {BATCH} of {IMAGE_HW[0]}x{IMAGE_HW[1]}, "
           f"AMP {'on' if args.amp else 'off'}; median of {args.iters} steps after "
