@@ -281,6 +281,12 @@ def test_rpn_score_fusion_with_ground_truth_boxes_is_rejected(tmp_path):
         _build(tmp_path, "MODEL.CLIP.MULTIPLY_RPN_SCORE", "True")
 
 
+def test_per_class_box_regression_is_refused_not_ignored(tmp_path):
+    # The box predictor is class-agnostic; False used to be accepted and silently ignored.
+    with pytest.raises(ValueError, match="CLS_AGNOSTIC_BBOX_REG False.*set it to True"):
+        _build(tmp_path, "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", "False")
+
+
 def test_embedding_width_mismatch_is_rejected_naming_the_file(tmp_path):
     path = _embedding_file(tmp_path, torch.randn(NUM_CLASSES, 16), name="narrow.pth")
     cfg = load_config(TINY_CONFIG, ["MODEL.CLIP.TEXT_EMB_PATH", path])

@@ -96,6 +96,10 @@ def loss_settings(cfg) -> LossSettings:
     if box_head.BBOX_REG_LOSS_TYPE != "smooth_l1":
         raise ValueError(f"MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE {box_head.BBOX_REG_LOSS_TYPE!r}"
                          " is not supported; valid: 'smooth_l1'")
+    if not box_head.CLS_AGNOSTIC_BBOX_REG:
+        raise ValueError("MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG False (per-class box deltas) "
+                         "is not supported: these detectors regress one box per region, as "
+                         "every RegionCLIP and Detic config does; set it to True")
     return LossSettings(
         focal_gamma=cfg.MODEL.CLIP.FOCAL_SCALED_LOSS,
         bg_weight=cfg.MODEL.CLIP.BG_CLS_LOSS_WEIGHT,
