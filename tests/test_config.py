@@ -218,6 +218,26 @@ def test_override_errors_name_the_key_and_the_command_line():
         merge_overrides(get_cfg(), ["SOLVER.BASE_LR"])
 
 
+@pytest.mark.parametrize("key, value", [
+    ("INPUT.CROP.ENABLED", "True"),
+    ("TEST.AUG.ENABLED", "True"),
+    ("MODEL.LOAD_PROPOSALS", "True"),
+    ("DATASETS.PROPOSAL_FILES_TEST", "('proposals.pkl',)"),
+    ("MODEL.ROI_BOX_HEAD.POOLER_TYPE", "ROIPool"),
+])
+def test_features_not_carried_are_refused_not_ignored(key, value):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)} .*does not carry.*set it to"):
+        load_config(str(TINY), [key, value])
+
+
+def test_not_carried_keys_at_their_defaults_load(tmp_path):
+    # The original's configs may spell the defaults out (a YAML list becomes the default tuple).
+    path = _write(tmp_path / "spelled.yaml", f"_BASE_: {TINY}\nDATASETS:\n"
+                  "  PROPOSAL_FILES_TRAIN: []\nINPUT:\n  CROP:\n    ENABLED: False\n")
+    cfg = load_config(path)
+    assert cfg.DATASETS.PROPOSAL_FILES_TRAIN == () and cfg.INPUT.CROP.ENABLED is False
+
+
 def test_overrides_decode_literals():
     cfg = merge_overrides(
         get_cfg(), ["MODEL.CLIP.MULTIPLY_RPN_SCORE", "True", "INPUT.MIN_SIZE_TRAIN", "(64, 96)"]

@@ -198,8 +198,37 @@ def load_config(path: str, overrides: Iterable[Any] = ()) -> CfgNode:
     the key and the file (or "command-line overrides")."""
     cfg = merge_config_file(get_cfg(), path)
     merge_overrides(cfg, list(overrides))
+    _check_carried(cfg)
     check_clip_settings(cfg)
     return cfg
+
+
+# detectron2 keys that the original's configs may hold, for features not carried here: a value
+# other than the default is refused, not silently ignored.
+_NOT_CARRIED = {
+    "MODEL.LOAD_PROPOSALS": "precomputed proposals",
+    "DATASETS.PROPOSAL_FILES_TRAIN": "precomputed proposals",
+    "DATASETS.PROPOSAL_FILES_TEST": "precomputed proposals",
+    "INPUT.CROP.ENABLED": "random cropping",
+    "INPUT.MASK_FORMAT": "bitmask annotations",
+    "TEST.AUG.ENABLED": "test-time augmentation",
+    "TEST.PRECISE_BN.ENABLED": "precise BN (every trunk here has frozen BN)",
+    "TEST.EXPECTED_RESULTS": "the expected-results check",
+    "MODEL.ROI_BOX_HEAD.POOLER_TYPE": "a pooler other than ROIAlignV2",
+    "MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO": "a fixed RoIAlign sampling ratio",
+    "MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES": "training the mask head on predicted boxes",
+    "MODEL.ROI_MASK_HEAD.POOLER_TYPE": "a pooler other than ROIAlignV2",
+    "MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO": "a fixed RoIAlign sampling ratio",
+}
+
+
+def _check_carried(cfg: CfgNode) -> None:
+    """Raise ConfigError if a key of ``_NOT_CARRIED`` asks for its feature."""
+    for key, feature in _NOT_CARRIED.items():
+        value, default = _read(cfg, key), _read(_C, key)
+        if value != default:
+            raise ConfigError(f"{key} {value!r} asks for {feature}, which regionclip does not "
+                              f"carry; remove the key or set it to {default!r}")
 
 
 def uses_clip_backbone(cfg: CfgNode) -> bool:
