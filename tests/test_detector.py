@@ -287,6 +287,11 @@ def test_per_class_box_regression_is_refused_not_ignored(tmp_path):
         _build(tmp_path, "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", "False")
 
 
+def test_a_learnt_linear_classifier_is_refused_not_ignored(tmp_path):
+    with pytest.raises(ValueError, match="USE_TEXT_EMB_CLASSIFIER False.*set it to True"):
+        _build(tmp_path, "MODEL.CLIP.USE_TEXT_EMB_CLASSIFIER", "False")
+
+
 def test_embedding_width_mismatch_is_rejected_naming_the_file(tmp_path):
     path = _embedding_file(tmp_path, torch.randn(NUM_CLASSES, 16), name="narrow.pth")
     cfg = load_config(TINY_CONFIG, ["MODEL.CLIP.TEXT_EMB_PATH", path])

@@ -133,6 +133,10 @@ def build_region_head(cfg, variant: CLIPVariant) -> RegionHead:
 def build_clip_fast_rcnn(cfg) -> CLIPFastRCNN:
     variant = resolve_clip_variant(cfg)
     clip = cfg.MODEL.CLIP
+    if not clip.USE_TEXT_EMB_CLASSIFIER:
+        raise ValueError("MODEL.CLIP.USE_TEXT_EMB_CLASSIFIER False (a learnt linear classifier) "
+                         "is not supported: CLIPFastRCNN classifies by text embeddings, as every "
+                         "RegionCLIP config does; set it to True")
     mean, std = _pixel_stats(cfg)
     text = clip.GET_CONCEPT_EMB or cfg.MODEL.WITH_CAPTION  # (Detic's caption loss)
     lang_encoder: Optional[TextEncoder] = TextEncoder(variant) if text else None
