@@ -86,6 +86,17 @@ def test_tsv_records(tmp_path):
         _check_record(records[item_key(i)], i, [caption(i, j) for j in range(5)])
 
 
+def test_a_second_epoch_reads_the_same_tokens_whatever_the_first_did_with_them(tmp_path):
+    # Tokenized captions are cached per process; a record's tokens must stay its own copy.
+    folder = write_tsv_dataset(tmp_path, num_images=2, captions_per_image=3, image_size=SIZE)
+    first = _by_key(_dataset(TSVPairSource(folder)))
+    for record in first.values():
+        record["tokens"].fill_(-1)
+    again = _by_key(_dataset(TSVPairSource(folder)))
+    for i in range(2):
+        _check_record(again[item_key(i)], i, [caption(i, j) for j in range(3)])
+
+
 def test_webdataset_records(tmp_path):
     folder = write_webdataset(tmp_path, num_images=5, image_size=SIZE, num_shards=2)
     source = WebDatasetSource(folder)

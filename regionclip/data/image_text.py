@@ -29,6 +29,7 @@ skipped and counted in ``skipped`` (shared memory, so the counts of DataLoader w
 the main process). Each worker logs its first ten skips, then a summary every ``log_period``.
 An epoch in which a split reads samples but can use none of them raises.
 """
+import functools
 import io
 import logging
 import math
@@ -58,6 +59,9 @@ PIL_INTERPOLATION = {
 }
 _COUNTER_SLOTS = 256  # one row of skip counts per DataLoader worker id (modulo this)
 _LOGGED_SKIPS = 10
+# Captions tokenized per process and kept: a corpus read for several epochs (the toy world's
+# teacher reads its 12,000 captions 64 times) pays CLIP's pure-Python BPE once per caption.
+_TOKEN_CACHE_SIZE = 16384
 
 
 class ImageTextTransform:
@@ -238,7 +242,7 @@ class ImageTextDataset(IterableDataset):
         return {
             "image": self.transform(Image.fromarray(array), rng),
             "captions": captions,
-            "tokens": tokenize(captions, self.context_length),
+            "tokens": torch.stack([_caption_tokens(c, self.context_length) for c in captions]),
             "height": int(array.shape[0]),
             "width": int(array.shape[1]),
             "key": raw.key,
@@ -288,3 +292,9 @@ def choose_captions(tokens: Sequence[torch.Tensor],
     """One caption per image, uniform among that image's own: [n_i, L] each -> [B, L]."""
     picks = [t[torch.randint(len(t), (), generator=generator)] for t in tokens]
     return torch.stack(picks)
+
+
+@functools.lru_cache(maxsize=_TOKEN_CACHE_SIZE)
+def _caption_tokens(caption: str, context_length: int) -> torch.Tensor:
+    """[context_length] CLIP BPE ids of one caption (callers stack, never modify, the copy)."""
+    return tokenize(caption, context_length)[0]
