@@ -1,18 +1,21 @@
-"""Seconds per training iteration of the toy world's stages, default layout vs channels-last.
+"""Seconds per training iteration of the toy world's stages, as run vs with other settings.
 
 Each stage is its own ``tools/train_net.py`` command exactly as ``tools/toy_world.py`` runs it
 (the CLIP teacher at the full budget's batch of 256, the offline RPN, the RegionCLIP student,
-transfer from the student), cut to ``--iters`` iterations, once with the default memory layout
-and once with ``MODEL.CHANNELS_LAST True``, interleaved and repeated ``--repeats`` times. The
-figure of a run is the trainer's own per-iteration time in its last ``metrics.json`` line (a
-median over the iterations after the first); a row gives the median over the repeats and the
-speed-up of channels-last over the default measured in the same run.
+transfer from the student), cut to ``--iters`` iterations, once as the pipeline runs it and
+once with the ``--against`` overrides added (default ``MODEL.CHANNELS_LAST True``; e.g.
+``--against DATALOADER.NUM_WORKERS 1``), interleaved and repeated ``--repeats`` times. The
+figure of a run is the trainer's own per-iteration time (data included) in its last
+``metrics.json`` line (a median over the iterations after the first); a row gives the median
+over the repeats and the speed-up of the overrides over the pipeline's command, measured in
+the same run.
 
 The stages need a toy world and its checkpoints: ``--run`` takes a seed folder of a toy-world
 run (``OUT/seed_0``); without it a quick-budget run is built first (about 3 minutes). The quick
 world's images have the full world's sizes, so the steps cost what they cost at the full budget.
 
 Usage: python benchmarks/toy_world_steps.py [--run OUT/seed_0] [--iters 8] [--repeats 2]
+                                           [--against KEY VALUE ...]
 """
 import argparse
 import json
@@ -35,11 +38,11 @@ def _set(argv, key, value):
     return argv
 
 
-def stage_command(commands, stage, iters, channels_last, output_dir):
+def stage_command(commands, stage, iters, overrides, output_dir):
     argv = _set(_set(commands[stage], "SOLVER.MAX_ITER", str(iters)), "OUTPUT_DIR", output_dir)
     if stage.startswith("transfer"):
         argv += ["DATASETS.TEST", "()"]  # training steps only
-    return argv + ["MODEL.CHANNELS_LAST", str(channels_last)]
+    return argv + list(overrides)
 
 
 def seconds_per_iteration(argv, output_dir) -> float:
@@ -56,7 +59,12 @@ def main(argv=None) -> None:
     parser.add_argument("--iters", type=int, default=8, help="iterations per timed run")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--against", nargs="+", default=["MODEL.CHANNELS_LAST", "True"],
+                        metavar="KEY VALUE", help="config overrides timed against the pipeline's "
+                                                  "command")
     args = parser.parse_args(argv)
+    if len(args.against) % 2:
+        parser.error(f"--against takes KEY VALUE pairs, got {args.against}")
     with tempfile.TemporaryDirectory() as scratch:
         run = args.run
         if run is None:
@@ -69,18 +77,19 @@ def main(argv=None) -> None:
         times = {}
         for repeat in range(args.repeats):
             for stage in args.stages:
-                for channels_last in (False, True):
-                    out = os.path.join(scratch, f"{stage}_{channels_last}_{repeat}")
-                    command = stage_command(commands, stage, args.iters, channels_last, out)
-                    times.setdefault((stage, channels_last), []).append(
+                for against in (False, True):
+                    out = os.path.join(scratch, f"{stage}_{against}_{repeat}")
+                    overrides = args.against if against else []
+                    command = stage_command(commands, stage, args.iters, overrides, out)
+                    times.setdefault((stage, against), []).append(
                         seconds_per_iteration(command, out))
     print(f"toy-world training steps, s/iter (median of {args.repeats} runs of {args.iters} "
-          f"iterations), {os.cpu_count()} cores")
-    print(f"{'stage':>22}  {'default':>8}  {'chan-last':>9}  {'speed-up':>8}")
+          f"iterations), {os.cpu_count()} cores; against: {' '.join(args.against)}")
+    print(f"{'stage':>22}  {'pipeline':>8}  {'against':>8}  {'speed-up':>8}")
     for stage in args.stages:
         default = statistics.median(times[stage, False])
-        fast = statistics.median(times[stage, True])
-        print(f"{stage:>22}  {default:8.2f}  {fast:9.2f}  {default / fast:7.2f}x")
+        other = statistics.median(times[stage, True])
+        print(f"{stage:>22}  {default:8.2f}  {other:8.2f}  {default / other:7.2f}x")
 
 
 if __name__ == "__main__":
