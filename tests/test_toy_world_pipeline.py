@@ -40,6 +40,8 @@ def test_quick_toy_world_runs_every_stage_and_resumes(tmp_path):
     numbers = _leaves(report["zero_shot"]) + _leaves(report["transfer"])
     assert all(0.0 <= v <= 100.0 for v in numbers if not math.isnan(v))
     assert 0.0 < report["chance_ap50"] < 100.0 and report["seconds"] > 0
+    assert set(report["chance_ap50_proposals"]) == {"zero_shot", "transfer"}
+    assert all(0.0 <= v <= 100.0 for v in report["chance_ap50_proposals"].values())
     assert -1.0 <= report["class_name_cosine"] <= 1.0
     seed_dir = os.path.join(out, "seed_0")
     for name in ("REPORT.md", "report.json", "loss_curves.png"):
@@ -104,6 +106,31 @@ def test_teacher_crop_context_reaches_the_student_stage_only():
         args = default_argument_parser().parse_args(commands["student"][1:])
         assert load_config(args.config_file, args.opts).MODEL.CLIP.TEACHER_CROP_CONTEXT == \
             context
+
+
+def test_chance_stages_score_the_teachers_proposals_with_random_classes_as_evaluated():
+    """The chance stages evaluate like the zero-shot RPN mode (fused with objectness, NMS 0.9)
+    and like the transfer stages (not fused, the RPN config's NMS), with random class
+    embeddings in place of the class names'."""
+    from regionclip.config import load_config
+    from regionclip.engine.defaults import default_argument_parser
+    toy_world = load_tool("toy_world")
+    commands = toy_world.stages("r", "w", toy_world.BUDGETS["full"], 0, 0.07)
+
+    def config(name):
+        args = default_argument_parser().parse_args(commands[name][1:])
+        return load_config(args.config_file, args.opts).MODEL.CLIP
+
+    zero_shot, transfer = config("chance_zero_shot"), config("chance_transfer")
+    for clip in (zero_shot, transfer):
+        assert clip.TEXT_EMB_PATH == f"r/concepts/{toy_world.RANDOM_CLASSES}"
+        assert clip.CROP_REGION_TYPE == "RPN"
+    evaluated = {"zero_shot": config("zero_shot_rpn_student"),
+                 "transfer": config("transfer_from_student")}
+    for clip, like in ((zero_shot, evaluated["zero_shot"]), (transfer, evaluated["transfer"])):
+        assert (clip.MULTIPLY_RPN_SCORE, clip.OFFLINE_RPN_NMS_THRESH) == \
+            (like.MULTIPLY_RPN_SCORE, like.OFFLINE_RPN_NMS_THRESH)
+    assert zero_shot.MULTIPLY_RPN_SCORE and not transfer.MULTIPLY_RPN_SCORE
 
 
 def test_detic_stages_are_valid_train_net_commands_after_regionclips(tmp_path):

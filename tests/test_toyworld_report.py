@@ -12,6 +12,7 @@ from regionclip.toyworld.report import (
     loss_curve,
     markdown_table,
     pick,
+    random_class_embeddings,
     read_ap50,
     summarize,
     write_report,
@@ -65,13 +66,14 @@ def test_loss_curve_keeps_training_records_only(tmp_path):
 
 
 def _report(gt_teacher, gt_student, rpn_teacher, rpn_student, novel_student, novel_teacher,
-            novel_no_focal, chance=5.0, seed=0):
+            novel_no_focal, chance=5.0, seed=0, chance_rpn=5.0, chance_transfer=5.0):
     run = lambda novel: {"novel": novel, "base": 30.0, "all": 25.0}  # noqa: E731
     report = {"zero_shot": {"gt": {"teacher": gt_teacher, "student": gt_student},
                             "rpn": {"teacher": rpn_teacher, "student": rpn_student}},
               "transfer": {"from_student": run(novel_student), "from_teacher": run(novel_teacher),
                            "from_student_no_focal": run(novel_no_focal)},
-              "chance_ap50": chance, "seed": seed, "seconds": 60.0, "class_name_cosine": 0.5}
+              "chance_ap50": chance, "seed": seed, "seconds": 60.0, "class_name_cosine": 0.5,
+              "chance_ap50_proposals": {"zero_shot": chance_rpn, "transfer": chance_transfer}}
     report["claims"] = claims(report)
     return report
 
@@ -91,8 +93,34 @@ def test_class_name_cosine_is_the_mean_over_pairs_of_classes(tmp_path):
 def test_claims_hold_only_when_measured_so():
     held = _report(20.0, 31.0, 10.0, 12.0, 15.0, 10.0, 12.0)["claims"]
     assert all(held.values())
-    missed = _report(20.0, 29.0, 12.0, 12.0, 10.0, 10.0, 11.0, chance=12.0)["claims"]
+    missed = _report(20.0, 29.0, 12.0, 12.0, 10.0, 10.0, 11.0, chance=12.0, chance_rpn=12.0,
+                     chance_transfer=12.0)["claims"]
     assert not any(missed.values())
+
+
+@pytest.mark.parametrize("gt_chance, rpn_chance, transfer_chance, above", [
+    (5.0, 5.0, 5.0, True),
+    (11.0, 5.0, 5.0, True),    # RPN-mode numbers (10, 12) are held against their own chance
+    (5.0, 11.0, 5.0, False),   # ... and fail it when they do not pass it
+    (5.0, 5.0, 25.0, False),   # transfer (all-class 25.0) against the transfer setting's chance
+    (21.0, 5.0, 5.0, False),   # ground-truth-box numbers (20, 31) against the GT-box chance
+])
+def test_each_number_is_held_against_the_chance_on_its_own_boxes(gt_chance, rpn_chance,
+                                                                   transfer_chance, above):
+    report = _report(20.0, 31.0, 10.0, 12.0, 15.0, 10.0, 12.0, chance=gt_chance,
+                     chance_rpn=rpn_chance, chance_transfer=transfer_chance)
+    assert report["claims"]["all_above_chance"] is above
+
+
+def test_random_class_embeddings_have_the_shape_of_the_real_ones_and_follow_the_seed(tmp_path):
+    real = tmp_path / "classes.pth"
+    torch.save(torch.ones(20, 64), real)
+    for name, seed in (("a.pth", 0), ("b.pth", 0), ("c.pth", 1)):
+        random_class_embeddings(str(real), str(tmp_path / name), seed)
+    a, b, c = (torch.load(tmp_path / n, weights_only=True) for n in ("a.pth", "b.pth", "c.pth"))
+    assert a.shape == (20, 64) and torch.equal(a, b) and not torch.equal(a, c)
+    cosine = torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(a, dim=1).t()
+    assert cosine[~torch.eye(20, dtype=torch.bool)].abs().max() < 0.6  # no two alike
 
 
 def test_summarize_gives_mean_spread_and_claim_counts():

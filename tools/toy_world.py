@@ -46,6 +46,7 @@ from regionclip.toyworld.report import (
     loss_curve,
     markdown_table,
     pick,
+    random_class_embeddings,
     read_ap50,
     summarize,
     write_report,
@@ -54,6 +55,7 @@ from regionclip.toyworld.writer import ALL_CATEGORIES_TRAIN, IMAGE_LABELS_FILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs", "toyworld")
+RANDOM_CLASSES = "classes_random.pth"  # under concepts/: the chance stages' class embeddings
 
 
 @dataclass(frozen=True)
@@ -177,13 +179,24 @@ def stages(run: str, world: str, budget: Budget, seed: int, temperature: float =
         "OUTPUT_DIR", f"{run}/student"]
     evaluate = train_net + ["--eval-only", "--config-file", f"{CONFIGS}/zero_shot.yaml",
                             "DATASETS.TEST", _tuple(det["test"]), "MODEL.CLIP.BB_RPN_WEIGHTS",
-                            rpn, "MODEL.CLIP.TEXT_EMB_PATH", f"{concepts}/classes_all.pth", *temp]
+                            rpn, *temp]
     for who, weights in (("teacher", teacher), ("student", student)):
         for mode, region, fuse in (("gt", "GT", "False"), ("rpn", "RPN", "True")):
             commands[f"zero_shot_{mode}_{who}"] = evaluate + [
+                "MODEL.CLIP.TEXT_EMB_PATH", f"{concepts}/classes_all.pth",
                 "MODEL.WEIGHTS", weights, "MODEL.CLIP.CROP_REGION_TYPE", region,
                 "MODEL.CLIP.MULTIPLY_RPN_SCORE", fuse,
                 "OUTPUT_DIR", f"{run}/zero_shot_{mode}_{who}"]
+    # Chance on the detectors' own proposals: the teacher's regions against random class
+    # embeddings, as the zero-shot RPN mode evaluates (fused with objectness) and as the
+    # transfer stages do (no fusion, the RPN config's NMS).
+    for setting, settings in (("zero_shot", ["MODEL.CLIP.MULTIPLY_RPN_SCORE", "True"]),
+                              ("transfer", ["MODEL.CLIP.MULTIPLY_RPN_SCORE", "False",
+                                            "MODEL.CLIP.OFFLINE_RPN_NMS_THRESH", "0.0"])):
+        commands[f"chance_{setting}"] = evaluate + [
+            "MODEL.CLIP.TEXT_EMB_PATH", f"{concepts}/{RANDOM_CLASSES}", "MODEL.WEIGHTS", teacher,
+            "MODEL.CLIP.CROP_REGION_TYPE", "RPN", *settings, "OUTPUT_DIR",
+            f"{run}/chance_{setting}"]
     for name, weights, focal in (("from_student", student, "0.5"),
                                  ("from_teacher", teacher, "0.5"),
                                  ("from_student_no_focal", student, "0.0")):
@@ -231,7 +244,8 @@ def _detic_stages(train_net, run, world, test, budget, seed, temp) -> Dict[str, 
 # 2 cores (seed 1's run and the Detic runs, docs/TOYWORLD.md, Time), since the bar extrapolates
 # from the stages done to the ones left.
 WEIGHTS = {"world": 1.0, "teacher": 46.5, "rpn": 5.1, "concept": 0.1, "concepts": 0.1,
-           "student": 16.3, "zero": 0.4, "transfer": 9.8, "detic": 12, "drawings": 0.1}
+           "student": 16.3, "zero": 0.4, "chance": 0.4, "transfer": 9.8, "detic": 12,
+           "drawings": 0.1}
 
 
 def _done_marker(run: str, name: str) -> str:
@@ -316,6 +330,9 @@ def run_seed(out: str, budget_name: str, seed: int, temperature_mode: str,
                                if temperature_mode == "teacher" else 0.01)
                 commands = build(temperature)
             bar.set_postfix_str(name)
+            random_classes = f"{run}/concepts/{RANDOM_CLASSES}"
+            if name.startswith("chance_") and not os.path.exists(random_classes):
+                random_class_embeddings(f"{run}/concepts/classes_all.pth", random_classes, seed)
             seconds[name] = run_stage(name, commands[name], run)
             bar.update(weights[name])
     report = measure(run, world, seed, seconds)
@@ -335,7 +352,10 @@ def measure(run: str, world: str, seed: int, seconds: Dict[str, float]) -> Dict:
     transfer.update({f"detic_{name}": read_ap50(f"{run}/detic_{name}") for name in DETIC_RUNS
                      if f"detic_{name}" in seconds})
     report = {"zero_shot": zero_shot, "transfer": transfer,
-              "chance_ap50": chance_ap50(f"{world}/detection/test.json", seed), "seed": seed,
+              "chance_ap50": chance_ap50(f"{world}/detection/test.json", seed),
+              "chance_ap50_proposals": {setting: read_ap50(f"{run}/chance_{setting}")["all"]
+                                        for setting in ("zero_shot", "transfer")},
+              "seed": seed,
               "class_name_cosine": class_name_cosine(f"{run}/concepts/classes_all.pth"),
               "seconds": round(sum(seconds.values()), 1)}
     report["claims"] = claims(report)
