@@ -106,6 +106,14 @@ def _label_size(text: str, scale: float, image_size: Tuple[int, int]):
     return scale, (min(w, image_size[1]), min(h, image_size[0])), base
 
 
+def score_texts(scores: Sequence[float]) -> List[str]:
+    """Scores as labels: percentages when all are probabilities; two decimals for all of them
+    when one exceeds 1 (RPN-fused scores, sqrt(p x objectness logit), are not probabilities)."""
+    if any(score > 1.0 for score in scores):
+        return [f"{score:.2f}" for score in scores]
+    return [f"{score:.0%}" for score in scores]
+
+
 def draw_predictions(image_bgr: np.ndarray, predictions: Sequence[Dict],
                      class_names: Sequence[str], category_to_index: Dict[int, int]) -> np.ndarray:
     """A copy of the image with each prediction's box, class name and score drawn.
@@ -120,13 +128,14 @@ def draw_predictions(image_bgr: np.ndarray, predictions: Sequence[Dict],
     height, width = canvas.shape[:2]
     thickness = max(1, round(max(height, width) / 500))
     boxes, texts, colors, fonts = [], [], [], []
-    for pred in predictions:
+    scores = score_texts([pred["score"] for pred in predictions])
+    for pred, score in zip(predictions, scores):
         index = category_to_index[pred["category_id"]]
         x, y, w, h = (int(round(v)) for v in pred["bbox"])
         boxes.append((x, y, x + w, y + h))
         colors.append(_color(index))
         cv2.rectangle(canvas, (x, y), (x + w, y + h), colors[-1], thickness)
-        texts.append(f"{class_names[index]} {pred['score']:.0%}")
+        texts.append(f"{class_names[index]} {score}")
         fonts.append(_label_size(texts[-1], 0.4 * thickness, (height, width)))
     rects = place_labels(boxes, [size for _, size, _ in fonts], (height, width))
     for text, color, (scale, _, base), (x0, y0, x1, y1) in zip(texts, colors, fonts, rects):

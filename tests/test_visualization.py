@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from regionclip.data.mapper import read_image
-from regionclip.visualization import draw_predictions, place_labels, select_predictions
+from regionclip.visualization import draw_predictions, place_labels, score_texts, select_predictions
 
 
 def _pred(score, bbox, category_id=1):
@@ -190,3 +190,10 @@ def test_read_image_composites_transparency_only_when_asked(tmp_path):
     assert (drawn[:4] == (0, 0, 200)).all() and (drawn[4:] == 255).all()
     grid = read_image(tmp_path / "p.png", "RGB", background=(9, 9, 9))
     assert (grid[0, 0] == 9).all() and (grid[0, 1] == (0, 200, 0)).all()
+
+
+def test_scores_are_percentages_unless_one_is_not_a_probability():
+    assert score_texts([0.5, 0.064, 1.0]) == ["50%", "6%", "100%"]
+    # RPN-fused scores (sqrt(p x objectness logit)) exceed 1: no "146%" labels.
+    assert score_texts([1.46, 0.064]) == ["1.46", "0.06"]
+    assert score_texts([]) == []
