@@ -211,6 +211,9 @@ def zero_shot_eval_fn(cfg) -> Optional[Callable[[nn.Module], Dict]]:
     detector_cfg = cfg.clone()
     detector_cfg.defrost()
     detector_cfg.MODEL.META_ARCHITECTURE = ZERO_SHOT_ARCHITECTURE
+    # What every zero-shot config sets and a pretraining config leaves at detectron2's default.
+    detector_cfg.MODEL.CLIP.USE_TEXT_EMB_CLASSIFIER = True
+    detector_cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = True
     detector_cfg.freeze()
     detector = build_model(detector_cfg)  # built once; its weights are refreshed per evaluation
 
