@@ -321,6 +321,7 @@ def run_seed(out: str, budget_name: str, seed: int, temperature_mode: str,
     commands = build()
     weights = {name: WEIGHTS[name.split("_")[0]] for name in commands}
     seconds, temperature = {}, None
+    random_classes = f"{run}/concepts/{RANDOM_CLASSES}"  # written before the chance stages
     with tqdm(total=sum(weights.values()), desc=f"toy world seed {seed}",
               bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}",
               file=sys.stdout) as bar:
@@ -330,7 +331,6 @@ def run_seed(out: str, budget_name: str, seed: int, temperature_mode: str,
                                if temperature_mode == "teacher" else 0.01)
                 commands = build(temperature)
             bar.set_postfix_str(name)
-            random_classes = f"{run}/concepts/{RANDOM_CLASSES}"
             if name.startswith("chance_") and not os.path.exists(random_classes):
                 random_class_embeddings(f"{run}/concepts/classes_all.pth", random_classes, seed)
             seconds[name] = run_stage(name, commands[name], run)

@@ -49,7 +49,11 @@ logger = logging.getLogger("regionclip")
 
 # Trained on image-caption pairs: RegionCLIP pretraining, and a CLIP trained from scratch.
 IMAGE_TEXT_ARCHITECTURES = ("PretrainFastRCNN", "CLIP")
-ZERO_SHOT_ARCHITECTURE = "CLIPFastRCNN"
+# The detector that evaluates a pretraining run: what every zero-shot config sets, where a
+# pretraining config leaves detectron2's defaults.
+ZERO_SHOT_DETECTOR = ["MODEL.META_ARCHITECTURE", "CLIPFastRCNN",
+                      "MODEL.CLIP.USE_TEXT_EMB_CLASSIFIER", True,
+                      "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", True]
 DEBUG_ENV = "REGIONCLIP_DEBUG"
 USER_ERRORS = (OSError, ValueError, CheckpointError)  # bad input, not bugs: no traceback
 USER_ERROR_STATUS = 1
@@ -210,10 +214,7 @@ def zero_shot_eval_fn(cfg) -> Optional[Callable[[nn.Module], Dict]]:
                           "dataset's category order, with MODEL.ROI_HEADS.NUM_CLASSES rows")
     detector_cfg = cfg.clone()
     detector_cfg.defrost()
-    detector_cfg.MODEL.META_ARCHITECTURE = ZERO_SHOT_ARCHITECTURE
-    # What every zero-shot config sets and a pretraining config leaves at detectron2's default.
-    detector_cfg.MODEL.CLIP.USE_TEXT_EMB_CLASSIFIER = True
-    detector_cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = True
+    detector_cfg.merge_from_list(ZERO_SHOT_DETECTOR)
     detector_cfg.freeze()
     detector = build_model(detector_cfg)  # built once; its weights are refreshed per evaluation
 
