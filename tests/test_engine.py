@@ -28,6 +28,7 @@ from regionclip.engine.solver import (
     optimizer_param_groups,
 )
 from regionclip.engine.trainer import last_checkpoint_path
+from regionclip.events import put_scalar
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -267,6 +268,23 @@ def test_metrics_json_tensorboard_and_evaluation(tmp_path):
         [(1, 51.0), (3, 52.0), (4, 53.0)]
     events = os.listdir(tmp_path / "tensorboard")
     assert any(name.startswith("events.out.tfevents") for name in events)
+
+
+class _Reporting(ToyModel):
+    def forward(self, batch):
+        put_scalar("toy/calls", torch.tensor(self.calls + 1.0))
+        return super().forward(batch)
+
+
+def test_scalars_a_model_puts_are_logged_with_the_losses(tmp_path):
+    trainer = make_trainer(tmp_path, max_iter=4)
+    trainer.module.__class__ = _Reporting
+    put_scalar("stale", 1.0)  # put before the run: not one of its iterations
+    trainer.train()
+    lines = [line for line in read_json_lines(tmp_path / "metrics.json") if "total_loss" in line]
+    # the median over the window of the calls so far (log period 1)
+    assert [line["toy/calls"] for line in lines] == [1.0, 1.5, 2.0, 2.5]
+    assert not any("stale" in line for line in lines)
 
 
 def test_checkpoints_are_periodic_bounded_and_complete(tmp_path):

@@ -9,7 +9,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "regionclip"
 # Lowest first; a module may import its own unit and any unit of a lower layer.
 LAYERS = (
-    ("ops", "atomic", "distributed", "prompts", "download_pages", "load_report", "progress"),
+    ("ops", "atomic", "distributed", "events", "prompts", "download_pages", "load_report",
+     "progress"),
     ("config",),
     ("structures", "checkpoint"),
     ("model_zoo",),

@@ -1,15 +1,18 @@
-"""Region-head and RPN losses against hand-computed values (reference section 6.2)."""
+"""Region-head and RPN losses (reference section 6.2) and the classification statistics,
+against hand-computed values."""
 import math
 
 import pytest
 import torch
 
+from regionclip.events import pop_scalars
 from regionclip.modeling.losses import (
     box_regression_loss,
     classification_loss,
     crop_and_resize_masks,
     focal_scaled_cross_entropy,
     mask_loss,
+    put_classification_stats,
     smooth_l1_loss,
     weighted_cross_entropy,
 )
@@ -166,3 +169,16 @@ def test_mask_loss_without_rois_is_a_connected_zero():
     loss = mask_loss(logits, torch.zeros((0, 4, 4), dtype=torch.bool))
     loss.backward()
     assert loss.item() == 0.0 and logits.grad is not None
+
+
+def test_classification_stats_by_hand():
+    """detectron2's ``fast_rcnn/*`` training statistics on four RoIs of 2 classes + background:
+    labels 0, 1, 1, bg against argmax 0, bg, 1, 1."""
+    pop_scalars()
+    logits = torch.tensor([[5.0, 0.0, 1.0], [0.0, 1.0, 2.0], [0.0, 3.0, 1.0], [0.0, 4.0, 1.0]])
+    put_classification_stats(logits, torch.tensor([0, 1, 1, 2]))
+    assert pop_scalars() == pytest.approx({"fast_rcnn/cls_accuracy": 2 / 4,
+                                           "fast_rcnn/fg_cls_accuracy": 2 / 3,
+                                           "fast_rcnn/false_negative": 1 / 3})
+    put_classification_stats(logits[3:], torch.tensor([2]))  # no foreground: accuracy only
+    assert pop_scalars() == {"fast_rcnn/cls_accuracy": 0.0}

@@ -8,8 +8,10 @@ from _checkpoint_utils import make_state_dict, pretrained_shapes
 from _clip_utils import openclip_reference
 
 import regionclip.modeling.clip_resnet as clip_resnet_module
+import regionclip.modeling.pretrainer as pretrainer_module
 from regionclip.checkpoint import load_checkpoint, save_checkpoint
 from regionclip.config import load_config
+from regionclip.events import pop_scalars
 from regionclip.modeling.build import build_model
 from regionclip.modeling.pretrainer import LOSS_KEYS, PretrainFastRCNN, context_squares
 from regionclip.modeling.text_encoder import save_embeddings
@@ -202,6 +204,24 @@ def test_losses_are_finite_and_named(tmp_path):
     losses = _model(tmp_path)(_batch())
     assert set(losses) == set(LOSS_KEYS.values())
     assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
+
+
+def test_the_share_of_regions_with_a_pseudo_label_is_reported(tmp_path, monkeypatch):
+    """``pretrain/pseudo_label_kept``: the share of sampled regions whose teacher concept
+    passes CONCEPT_THRES (what the toy world's audit had to measure by hand)."""
+    made, label = [], pretrainer_module.pseudo_concept_labels
+
+    def recording(*args):
+        made.append(label(*args))
+        return made[-1]
+
+    monkeypatch.setattr(pretrainer_module, "pseudo_concept_labels", recording)
+    pop_scalars()
+    for threshold in (0.0, 0.3):
+        _model(tmp_path, "MODEL.CLIP.CONCEPT_THRES", threshold)(_batch())
+        kept = pop_scalars()["pretrain/pseudo_label_kept"]
+        assert kept == pytest.approx(made[-1].keep.float().mean().item())
+        assert kept == 1.0 or threshold > 0
 
 
 def test_sgd_steps_change_only_the_trainable_student_parts(tmp_path):

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from regionclip.events import pop_scalars
 from regionclip.modeling.box_coder import Box2BoxTransform
 from regionclip.modeling.matcher import (
     GT_OBJECTNESS_LOGIT,
@@ -84,6 +85,17 @@ def test_sample_size_and_foreground_fraction(num_fg, expected_fg):
                                          NUM_CLASSES, sampling)[0]
     assert len(sampled) == 64
     assert int((sampled.gt_classes < NUM_CLASSES).sum()) == expected_fg
+
+
+def test_sample_counts_are_reported_per_image():
+    """detectron2's ``roi_head/num_fg_samples`` / ``num_bg_samples``: means over the images."""
+    pop_scalars()
+    sampling = RoISampling(batch_size_per_image=64, positive_fraction=0.25)
+    label_and_sample_proposals([_many_proposals(100, 500), _many_proposals(3, 500)],
+                               [_targets(), _targets()], NUM_CLASSES, sampling)
+    scalars = pop_scalars()
+    assert scalars["roi_head/num_fg_samples"] == (16 + 5) / 2
+    assert scalars["roi_head/num_bg_samples"] == (48 + 59) / 2
 
 
 def test_only_foreground_sampling():

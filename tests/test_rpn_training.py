@@ -9,6 +9,7 @@ from _training_utils import trained_rpn
 
 from regionclip.checkpoint import load_checkpoint, save_checkpoint
 from regionclip.config import load_config
+from regionclip.events import pop_scalars
 from regionclip.modeling.box_coder import Box2BoxTransform
 from regionclip.modeling.build import build_model
 from regionclip.modeling.build_rpn import build_proposal_network
@@ -107,8 +108,15 @@ def test_proposal_network_trains_rpn_and_unfrozen_backbone_only():
     model = build_model(_tiny_cfg())
     assert isinstance(model, ProposalNetwork)
     model.train()
+    pop_scalars()
     losses = model([_input(0), _input(1)])
     assert set(losses) == {"loss_rpn_cls", "loss_rpn_loc"}
+    # detectron2's per-image anchor counts: at least each image's two ground-truth boxes' best
+    # anchors positive, and no more than its sample of 256 labelled.
+    scalars = pop_scalars()
+    assert scalars["rpn/num_pos_anchors"] >= 2
+    assert 2 < scalars["rpn/num_pos_anchors"] + scalars["rpn/num_neg_anchors"] <= \
+        _tiny_cfg().MODEL.RPN.BATCH_SIZE_PER_IMAGE
     assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     grads = {n: p.grad for n, p in model.named_parameters()}

@@ -3,8 +3,9 @@ TensorBoard), all on the main process only.
 
 ``OUTPUT_DIR/metrics.json`` holds one json object per line, as detectron2 writes it: every
 ``log_period`` iterations ``{"iteration", "lr", "time", "data_time", "total_loss", "loss_*"}``
-(losses are medians over the last ``window`` iterations), and after each evaluation the
-flattened results (``"<dataset>/<task>/<metric>"``) with their iteration.
+and the scalars the model put (``fast_rcnn/cls_accuracy``, ..., see ``events.py``), medians
+over the last ``window`` iterations; and after each evaluation the flattened results
+(``"<dataset>/<task>/<metric>"``) with their iteration.
 """
 import datetime
 import json

@@ -26,6 +26,7 @@ from torch import nn
 from ..atomic import atomic_open
 from ..checkpoint import read_checkpoint, save_checkpoint
 from ..distributed import all_gather, get_local_rank, get_rank, get_world_size, is_main_process
+from ..events import pop_scalars
 from .metrics import TrainingMetrics
 from .output_dir import (
     FINAL_CHECKPOINT,
@@ -208,6 +209,7 @@ class Trainer:
                 return self.eval_results
             logger.info("Starting training from iteration %d", self.start_iter)
             self.model.train()
+            pop_scalars()  # what a model reported outside this loop is not this run's
             data = self._data_iterator()
             for iteration in range(self.start_iter, self.max_iter):
                 self._iteration(iteration, data, self.metrics)
@@ -245,7 +247,7 @@ class Trainer:
             release_freed_heap()
         self.scheduler.step()
         metrics.put(time=time.perf_counter() - start, data_time=data_time, lr=lr,
-                    total_loss=sum(losses.values()), **losses)
+                    total_loss=sum(losses.values()), **losses, **pop_scalars())
         metrics.step(iteration)
         self._after_step(iteration, metrics)
 

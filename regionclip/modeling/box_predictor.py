@@ -14,7 +14,7 @@ from torch import nn
 from ..ops import batched_nms
 from ..structures import Boxes, Instances
 from .box_coder import Box2BoxTransform
-from .losses import box_regression_loss, classification_loss
+from .losses import box_regression_loss, classification_loss, put_classification_stats
 from .matcher import regression_targets
 
 
@@ -116,6 +116,7 @@ def predictor_losses(logits: torch.Tensor, deltas: torch.Tensor, sampled: List[I
     sampled: per image RoIs with ``gt_classes`` and ``gt_boxes`` (`label_and_sample_proposals`).
     """
     classes = torch.cat([s.gt_classes for s in sampled])
+    put_classification_stats(logits, classes)
     coder = Box2BoxTransform(weights=settings.box_reg_weights)
     foreground, targets = regression_targets(sampled, logits.shape[1] - 1, coder)
     box_loss = box_regression_loss(deltas, targets, foreground, settings.smooth_l1_beta)

@@ -1,4 +1,5 @@
-"""Training losses of the region head and the RPN, as pure functions of tensors.
+"""Training losses of the region head and the RPN, as pure functions of tensors, and the
+classification statistics detectron2 logs beside them.
 
 Normalisations follow the original (reference section 6.2), which differ on purpose:
 focal-scaled cross-entropy is a plain mean over all sampled RoIs, weighted cross-entropy is
@@ -11,6 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..events import put_scalar
 from ..ops import roi_align
 
 # Below this, smooth-L1 is plain L1 (detectron2's cut-off; its quadratic part would divide by 0).
@@ -120,3 +122,20 @@ def mask_loss(mask_logits: torch.Tensor, targets: torch.Tensor,
     else:
         logits = mask_logits[torch.arange(len(mask_logits), device=mask_logits.device), classes]
     return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+
+
+@torch.no_grad()
+def put_classification_stats(logits: torch.Tensor, classes: torch.Tensor) -> None:
+    """Report detectron2's ``fast_rcnn/cls_accuracy`` (argmax = label over all sampled RoIs),
+    ``fg_cls_accuracy`` and ``false_negative`` (foreground RoIs called background).
+    logits: [R, C + 1], background last; classes: [R] in 0..C."""
+    if not len(classes):
+        return
+    background = logits.shape[1] - 1
+    predicted = logits.argmax(dim=1)
+    put_scalar("fast_rcnn/cls_accuracy", (predicted == classes).float().mean())
+    foreground = classes < background
+    if bool(foreground.any()):
+        put_scalar("fast_rcnn/fg_cls_accuracy",
+                   (predicted[foreground] == classes[foreground]).float().mean())
+        put_scalar("fast_rcnn/false_negative", (predicted[foreground] == background).float().mean())

@@ -9,6 +9,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from ..events import put_scalar
 from ..structures import Boxes, Instances, pairwise_iou
 from .box_coder import Box2BoxTransform
 
@@ -166,8 +167,14 @@ def label_and_sample_proposals(proposals: List[Instances], targets: List[Instanc
     """
     if sampling.append_gt:
         proposals = append_ground_truth(proposals, targets)
-    return [_sample_image(p, t.to(p.proposal_boxes.device), num_classes, sampling)
-            for p, t in zip(proposals, targets)]
+    sampled = [_sample_image(p, t.to(p.proposal_boxes.device), num_classes, sampling)
+               for p, t in zip(proposals, targets)]
+    if sampled:  # per image, as detectron2 reports them
+        classes = torch.cat([s.gt_classes for s in sampled])
+        put_scalar("roi_head/num_fg_samples",
+                   ((classes >= 0) & (classes < num_classes)).sum() / len(sampled))
+        put_scalar("roi_head/num_bg_samples", (classes == num_classes).sum() / len(sampled))
+    return sampled
 
 
 def regression_targets(sampled: Sequence[Instances], num_classes: int,

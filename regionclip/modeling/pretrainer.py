@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..events import put_scalar
 from ..structures import ImageList
 from .clip_resnet import INFERENCE_CHUNK, CLIPResNet, pool_regions
 from .pretrain_losses import (
@@ -191,6 +192,7 @@ class PretrainFastRCNN(nn.Module):
         teacher = self.teacher_regions(normalized, boxes)
         labels = pseudo_concept_labels(teacher, self.teacher_concept_emb, self.concept_thres,
                                        self.teacher_temperature)
+        put_scalar("pretrain/pseudo_label_kept", labels.keep.float().mean())
         region = F.normalize(student[labels.keep].float(), dim=1)
         concepts = F.normalize(self.concept_emb.float(), dim=1)
         losses = {}

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..events import put_scalar
 from ..structures import Boxes, ImageList, Instances, pairwise_iou
 from .box_coder import Box2BoxTransform
 from .losses import smooth_l1_loss
@@ -92,6 +93,8 @@ def batch_rpn_losses(rpn: RPN, head_outputs, gt_boxes: Sequence[Boxes], image_si
     labelled = [label_anchors(anchors, gt, size, settings)
                 for gt, size in zip(gt_boxes, image_sizes)]
     labels, matched = (torch.stack(t) for t in zip(*labelled))
+    put_scalar("rpn/num_pos_anchors", (labels == POSITIVE).sum() / len(labels))
+    put_scalar("rpn/num_neg_anchors", (labels == NEGATIVE).sum() / len(labels))
     return rpn_losses(anchors, torch.cat(logits, dim=1), torch.cat(deltas, dim=1), labels,
                       matched, rpn.box2box_transform, settings)
 

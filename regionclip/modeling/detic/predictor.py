@@ -15,7 +15,7 @@ from torch import nn
 from ...structures import Instances
 from ..box_coder import Box2BoxTransform
 from ..box_predictor import InferenceSettings, LossSettings, detect_images, predict_boxes
-from ..losses import box_regression_loss
+from ..losses import box_regression_loss, put_classification_stats
 from ..matcher import regression_targets
 from ..resnet_fpn import c2_xavier_fill
 from .zero_shot_classifier import ZeroShotClassifier
@@ -105,6 +105,7 @@ class DeticBoxPredictor(nn.Module):
                sampled: List[Instances]) -> Dict[str, torch.Tensor]:
         """``loss_cls`` and ``loss_box_reg`` of the sampled RoIs of a box-annotated batch."""
         classes = torch.cat([s.gt_classes for s in sampled])
+        put_classification_stats(logits, classes)
         loss = sigmoid_cross_entropy if self.use_sigmoid_ce else softmax_cross_entropy
         settings = self.loss_settings
         coder = Box2BoxTransform(weights=settings.box_reg_weights)
