@@ -162,3 +162,20 @@ def test_detic_stages_are_valid_train_net_commands_after_regionclips(tmp_path):
     weak = [iters[name] for name in detic if name != "detic_box_from_teacher"]
     assert set(weak) == {2 * iters["detic_box_from_teacher"]}
     assert iters["detic_box_from_teacher"] == toy_world.BUDGETS["full"].transfer_iters
+
+
+def test_a_training_stage_cut_short_resumes_and_no_other_command_changes(tmp_path):
+    """train_net refuses a folder that a killed run left behind (its metrics.json) unless told
+    --resume; the stage runner adds it to a training stage whose folder exists, and only
+    there, before the config overrides."""
+    from regionclip.engine.defaults import default_argument_parser
+    toy_world = load_tool("toy_world")
+    commands = toy_world.stages(str(tmp_path), "w", toy_world.BUDGETS["full"], 0, 0.07)
+    student = commands["student"]
+    assert toy_world.resumed(student) == student
+    for name in ("student", "zero_shot_gt_student", "chance_zero_shot"):
+        (tmp_path / name).mkdir()
+    args = default_argument_parser().parse_args(toy_world.resumed(student)[1:])
+    assert args.resume and args.opts == default_argument_parser().parse_args(student[1:]).opts
+    for name in ("zero_shot_gt_student", "chance_zero_shot", "concepts_pool", "world"):
+        assert toy_world.resumed(commands[name]) == commands[name]

@@ -9,8 +9,9 @@
 Each stage is the command a user runs on real data (``tools/make_toy_world.py``,
 ``tools/train_net.py`` with a config of ``configs/toyworld/``, ``tools/build_concept_nouns.py``,
 ``tools/extract_concept_features.py``, ``tools/visualize_json_results.py``), started as its own
-process; REPORT.md lists them. A stage whose output exists is not run again, so an interrupted
-run continues where it stopped; ``--overwrite`` starts over. Writes per seed
+process; REPORT.md lists them. A stage whose output exists is not run again, and a training
+stage cut short resumes from its last checkpoint, so an interrupted run continues where it
+stopped; ``--overwrite`` starts over. Writes per seed
 ``OUT/seed_<s>/{report.json,REPORT.md,loss_curves.png,drawings/}`` and, over all seeds,
 ``OUT/report.json`` and ``OUT/REPORT.md``. See docs/TOYWORLD.md.
 
@@ -252,6 +253,16 @@ def _done_marker(run: str, name: str) -> str:
     return os.path.join(run, ".done", name)
 
 
+def resumed(argv: List[str]) -> List[str]:
+    """``argv`` with ``--resume`` if it trains with train_net into a folder that an interrupted
+    attempt left behind (train_net refuses such a folder otherwise): the stage continues from
+    its last checkpoint, or starts over when it has none. Other commands are returned as is."""
+    training = argv[0].endswith("train_net.py") and "--eval-only" not in argv
+    if training and os.path.isdir(argv[argv.index("OUTPUT_DIR") + 1]):
+        return [argv[0], "--resume", *argv[1:]]
+    return argv
+
+
 def run_stage(name: str, argv: List[str], run: str) -> float:
     """Run one stage (unless it already finished); returns its seconds."""
     marker = _done_marker(run, name)
@@ -262,7 +273,7 @@ def run_stage(name: str, argv: List[str], run: str) -> float:
     log = os.path.join(run, "logs", f"{name}.log")
     start = time.time()
     with open(log, "w") as f:
-        code = subprocess.call([sys.executable, *argv], cwd=ROOT, stdout=f,
+        code = subprocess.call([sys.executable, *resumed(argv)], cwd=ROOT, stdout=f,
                                stderr=subprocess.STDOUT)
     if code:
         with open(log) as f:
