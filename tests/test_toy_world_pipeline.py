@@ -43,6 +43,7 @@ def test_quick_toy_world_runs_every_stage_and_resumes(tmp_path):
     assert set(report["chance_ap50_proposals"]) == {"zero_shot", "transfer"}
     assert all(0.0 <= v <= 100.0 for v in report["chance_ap50_proposals"].values())
     assert -1.0 <= report["class_name_cosine"] <= 1.0
+    assert 0.0 < report["per_seed"][0]["pseudo_label_kept"] <= 1.0
     seed_dir = os.path.join(out, "seed_0")
     for name in ("REPORT.md", "report.json", "loss_curves.png"):
         assert os.path.isfile(os.path.join(seed_dir, name)), name

@@ -9,6 +9,7 @@ from regionclip.toyworld.report import (
     chance_ap50,
     claims,
     class_name_cosine,
+    last_logged,
     loss_curve,
     markdown_table,
     pick,
@@ -63,6 +64,14 @@ def test_loss_curve_keeps_training_records_only(tmp_path):
              {"iteration": 2, "total_loss": 2.5}, {"bbox/AP50": 1.0}]
     (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in lines))
     assert loss_curve(str(tmp_path)) == [[0, 3.0], [2, 2.5]]
+
+
+def test_last_logged_value_or_none_for_a_run_that_never_logged_it(tmp_path):
+    lines = [{"iteration": 0, "pretrain/pseudo_label_kept": 0.9}, {"bbox/AP50": 1.0},
+             {"iteration": 19, "pretrain/pseudo_label_kept": 0.8, "total_loss": 2.0}]
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in lines))
+    assert last_logged(str(tmp_path), "pretrain/pseudo_label_kept") == 0.8
+    assert last_logged(str(tmp_path), "fast_rcnn/cls_accuracy") is None
 
 
 def _report(gt_teacher, gt_student, rpn_teacher, rpn_student, novel_student, novel_teacher,
@@ -136,6 +145,7 @@ def test_summarize_gives_mean_spread_and_claim_counts():
 
 def test_write_report_writes_json_markdown_and_curves(tmp_path):
     report = _report(20.0, 31.0, 10.0, float("nan"), 15.0, 10.0, 12.0)
+    report["pseudo_label_kept"] = 0.997
     write_report(str(tmp_path), report, {"teacher": 12.0}, {"teacher": "python x"},
                  {"teacher": [[0, 3.0], [1, 2.0]]})
     saved = json.loads((tmp_path / "report.json").read_text())
@@ -145,6 +155,7 @@ def test_write_report_writes_json_markdown_and_curves(tmp_path):
     text = (tmp_path / "REPORT.md").read_text()
     assert "| RPN proposals | 10.0 | nan |" in text and "python x" in text
     assert "class-name embeddings: 0.500" in text
+    assert "passes CONCEPT_THRES at the end of pretraining: 99.7 %" in text
 
 
 def test_detics_runs_add_their_claims_and_rows_when_they_ran():

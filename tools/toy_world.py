@@ -44,6 +44,7 @@ from regionclip.toyworld.report import (
     chance_ap50,
     claims,
     class_name_cosine,
+    last_logged,
     loss_curve,
     markdown_table,
     pick,
@@ -368,6 +369,7 @@ def measure(run: str, world: str, seed: int, seconds: Dict[str, float]) -> Dict:
                                         for setting in ("zero_shot", "transfer")},
               "seed": seed,
               "class_name_cosine": class_name_cosine(f"{run}/concepts/classes_all.pth"),
+              "pseudo_label_kept": last_logged(f"{run}/student", "pretrain/pseudo_label_kept"),
               "seconds": round(sum(seconds.values()), 1)}
     report["claims"] = claims(report)
     return report

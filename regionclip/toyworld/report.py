@@ -8,7 +8,7 @@ import json
 import logging
 import math
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -80,6 +80,13 @@ def loss_curve(output_dir: str, key: str = "total_loss") -> List[List[float]]:
             if key in record and "iteration" in record:
                 points.append([record["iteration"], record[key]])
     return points
+
+
+def last_logged(output_dir: str, key: str) -> Optional[float]:
+    """The last value of ``key`` in a training run's ``metrics.json``; None when the run never
+    logged it (a run from before the key was logged)."""
+    points = loss_curve(output_dir, key)
+    return points[-1][1] if points else None
 
 
 def claims(report: Dict) -> Dict[str, bool]:
@@ -176,6 +183,11 @@ def write_report(out: str, report: Dict, stage_seconds: Dict[str, float],
         teacher += (f"Mean cosine between the teacher's class-name embeddings: "
                     f"{report['class_name_cosine']:.3f} (near 1: the names are not told "
                     f"apart).\n\n")
+    if report.get("pseudo_label_kept") is not None:
+        teacher += (f"Share of the student's sampled regions whose teacher concept passes "
+                    f"CONCEPT_THRES at the end of pretraining: "
+                    f"{100 * report['pseudo_label_kept']:.1f} % (near 100: the threshold "
+                    f"filters nothing).\n\n")
     text = (f"# Toy world report (seed {report['seed']})\n\n{markdown_table(report)}\n\n"
             f"{teacher}"
             f"## Claims\n\n{held}\n\n## Stage times (s)\n\n| stage | seconds |\n|---|---|\n"
@@ -206,5 +218,5 @@ def _plot_curves(curves: Dict[str, List[List[float]]], path: str) -> str:
     return path
 
 
-__all__ = ["chance_ap50", "claims", "loss_curve", "markdown_table", "pick",
+__all__ = ["chance_ap50", "claims", "last_logged", "loss_curve", "markdown_table", "pick",
            "random_class_embeddings", "read_ap50", "summarize", "write_report"]
