@@ -168,7 +168,9 @@ def test_detic_stages_are_valid_train_net_commands_after_regionclips(tmp_path):
 def test_a_training_stage_cut_short_resumes_and_no_other_command_changes(tmp_path):
     """train_net refuses a folder that a killed run left behind (its metrics.json) unless told
     --resume; the stage runner adds it to a training stage whose folder exists, and only
-    there, before the config overrides."""
+    there, before the config overrides; the training stages save a checkpoint to resume from
+    every 100 iterations."""
+    from regionclip.config import load_config
     from regionclip.engine.defaults import default_argument_parser
     toy_world = load_tool("toy_world")
     commands = toy_world.stages(str(tmp_path), "w", toy_world.BUDGETS["full"], 0, 0.07)
@@ -178,5 +180,8 @@ def test_a_training_stage_cut_short_resumes_and_no_other_command_changes(tmp_pat
         (tmp_path / name).mkdir()
     args = default_argument_parser().parse_args(toy_world.resumed(student)[1:])
     assert args.resume and args.opts == default_argument_parser().parse_args(student[1:]).opts
+    for name in ("teacher", "rpn", "student", "transfer_from_teacher"):  # a checkpoint to resume
+        args = default_argument_parser().parse_args(commands[name][1:])
+        assert load_config(args.config_file, args.opts).SOLVER.CHECKPOINT_PERIOD == 100
     for name in ("zero_shot_gt_student", "chance_zero_shot", "concepts_pool", "world"):
         assert toy_world.resumed(commands[name]) == commands[name]

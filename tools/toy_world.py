@@ -10,8 +10,8 @@ Each stage is the command a user runs on real data (``tools/make_toy_world.py``,
 ``tools/train_net.py`` with a config of ``configs/toyworld/``, ``tools/build_concept_nouns.py``,
 ``tools/extract_concept_features.py``, ``tools/visualize_json_results.py``), started as its own
 process; REPORT.md lists them. A stage whose output exists is not run again, and a training
-stage cut short resumes from its last checkpoint, so an interrupted run continues where it
-stopped; ``--overwrite`` starts over. Writes per seed
+stage cut short resumes from its last checkpoint (one every 100 iterations), so an interrupted
+run continues where it stopped; ``--overwrite`` starts over. Writes per seed
 ``OUT/seed_<s>/{report.json,REPORT.md,loss_curves.png,drawings/}`` and, over all seeds,
 ``OUT/report.json`` and ``OUT/REPORT.md``. See docs/TOYWORLD.md.
 
@@ -118,8 +118,14 @@ def _tuple(*items: str) -> str:
     return "(" + "".join(f"'{item}'," for item in items) + ")"
 
 
+# A checkpoint every this many iterations, so that a training stage cut short resumes near
+# where it stopped (an hour-long teacher otherwise starts over); the quick stages save none.
+CHECKPOINT_EVERY = 100
+
+
 def _iters(count: int) -> List[str]:
-    return ["SOLVER.MAX_ITER", str(count), "SOLVER.WARMUP_ITERS", str(max(1, count // 10))]
+    return ["SOLVER.MAX_ITER", str(count), "SOLVER.WARMUP_ITERS", str(max(1, count // 10)),
+            "SOLVER.CHECKPOINT_PERIOD", str(CHECKPOINT_EVERY)]
 
 
 def _batch(size: Optional[int]) -> List[str]:
