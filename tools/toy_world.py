@@ -41,15 +41,11 @@ from regionclip.atomic import atomic_open
 from regionclip.checkpoint import read_state_dict
 from regionclip.toyworld import WorldSizes
 from regionclip.toyworld.report import (
-    chance_ap50,
-    claims,
-    class_name_cosine,
-    last_logged,
     loss_curve,
     markdown_table,
+    measure,
     pick,
     random_class_embeddings,
-    read_ap50,
     summarize,
     write_report,
 )
@@ -358,26 +354,6 @@ def run_seed(out: str, budget_name: str, seed: int, temperature_mode: str,
     write_report(run, report, seconds, {k: "python " + shlex.join(v) for k, v in commands.items()},
                  {stage: loss_curve(f"{run}/{stage}") for stage in ("teacher", "rpn", "student",
                                                                     "transfer_from_student")})
-    return report
-
-
-def measure(run: str, world: str, seed: int, seconds: Dict[str, float]) -> Dict:
-    """The numbers of ``report.json`` from the stages' outputs."""
-    zero_shot = {mode: {who: read_ap50(f"{run}/zero_shot_{mode}_{who}")["all"]
-                        for who in ("teacher", "student")} for mode in ("gt", "rpn")}
-    transfer = {name: read_ap50(f"{run}/transfer_{name}") for name in
-                ("from_student", "from_teacher", "from_student_no_focal")}
-    transfer.update({f"detic_{name}": read_ap50(f"{run}/detic_{name}") for name in DETIC_RUNS
-                     if f"detic_{name}" in seconds})
-    report = {"zero_shot": zero_shot, "transfer": transfer,
-              "chance_ap50": chance_ap50(f"{world}/detection/test.json", seed),
-              "chance_ap50_proposals": {setting: read_ap50(f"{run}/chance_{setting}")["all"]
-                                        for setting in ("zero_shot", "transfer")},
-              "seed": seed,
-              "class_name_cosine": class_name_cosine(f"{run}/concepts/classes_all.pth"),
-              "pseudo_label_kept": last_logged(f"{run}/student", "pretrain/pseudo_label_kept"),
-              "seconds": round(sum(seconds.values()), 1)}
-    report["claims"] = claims(report)
     return report
 
 

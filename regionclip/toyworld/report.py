@@ -119,6 +119,28 @@ def claims(report: Dict) -> Dict[str, bool]:
     }
 
 
+def measure(run: str, world: str, seed: int, seconds: Dict[str, float]) -> Dict:
+    """The numbers of a seed's ``report.json`` from the output folders of its stages in
+    ``run`` (``seconds``: each stage's time, in the order they ran; Detic's runs count when
+    they are among them)."""
+    zero_shot = {mode: {who: read_ap50(f"{run}/zero_shot_{mode}_{who}")["all"]
+                        for who in ("teacher", "student")} for mode in ("gt", "rpn")}
+    transfer = {name: read_ap50(f"{run}/transfer_{name}") for name in
+                ("from_student", "from_teacher", "from_student_no_focal")}
+    transfer.update({name: read_ap50(f"{run}/{name}") for name in seconds
+                     if name.startswith("detic_")})
+    report = {"zero_shot": zero_shot, "transfer": transfer,
+              "chance_ap50": chance_ap50(f"{world}/detection/test.json", seed),
+              "chance_ap50_proposals": {setting: read_ap50(f"{run}/chance_{setting}")["all"]
+                                        for setting in ("zero_shot", "transfer")},
+              "seed": seed,
+              "class_name_cosine": class_name_cosine(f"{run}/concepts/classes_all.pth"),
+              "pseudo_label_kept": last_logged(f"{run}/student", "pretrain/pseudo_label_kept"),
+              "seconds": round(sum(seconds.values()), 1)}
+    report["claims"] = claims(report)
+    return report
+
+
 def summarize(reports: Sequence[Dict]) -> Dict:
     """Mean and spread (half the max - min range) of every number over seeds."""
     def walk(values):
@@ -218,5 +240,5 @@ def _plot_curves(curves: Dict[str, List[List[float]]], path: str) -> str:
     return path
 
 
-__all__ = ["chance_ap50", "claims", "last_logged", "loss_curve", "markdown_table", "pick",
-           "random_class_embeddings", "read_ap50", "summarize", "write_report"]
+__all__ = ["chance_ap50", "claims", "last_logged", "loss_curve", "markdown_table", "measure",
+           "pick", "random_class_embeddings", "read_ap50", "summarize", "write_report"]
