@@ -9,9 +9,15 @@ import time
 import torch
 
 
-def step_parser(description: str) -> argparse.ArgumentParser:
+def benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser whose ``--help`` prints the script's whole docstring, which explains its columns."""
+    return argparse.ArgumentParser(description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def step_parser(doc: str) -> argparse.ArgumentParser:
     """The options every training-step benchmark takes: devices, timed and warm-up steps, AMP."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = benchmark_parser(doc)
     default_devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     parser.add_argument("--device", nargs="+", default=default_devices)
     parser.add_argument("--iters", type=int, default=3, help="timed steps per device")

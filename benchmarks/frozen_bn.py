@@ -11,12 +11,12 @@ pretraining batch (416x480 padded), 1000 RoIs at res5 (the region head).
 
 Usage: python benchmarks/frozen_bn.py [--repeats 7] [--device cpu]
 """
-import argparse
 import statistics
 import time
 
 import torch
 import torchvision
+from _common import benchmark_parser
 
 from regionclip.ops import FrozenBatchNorm2d
 
@@ -49,7 +49,7 @@ def timed(module, x, device: str) -> float:
 
 @torch.no_grad()
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()

@@ -24,7 +24,6 @@ detections matched by this path (same class, IoU >= 0.9, |score difference| <= 0
 Usage: python benchmarks/inference_precision.py [--precisions fp32 fp32-fast bf16]
        [--low-objectness 0 0.5] [--repeats 3] [--device cpu]
 """
-import argparse
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ from fvcore.nn import FlopCountAnalysis
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from _agreement import matched_fraction  # noqa: E402
-from _common import norms_from_inputs  # noqa: E402
+from _common import benchmark_parser, norms_from_inputs  # noqa: E402
 from _e2e_utils import module_state_shapes, rectangles_image, sane_state_dict  # noqa: E402
 
 from regionclip.config import load_config  # noqa: E402
@@ -157,7 +156,7 @@ def run(model, inputs, precision: str, device: str):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "fp32-fast"])
     parser.add_argument("--low-objectness", nargs="+", type=float, default=[0.0, 0.5])
     parser.add_argument("--repeats", type=int, default=3)

@@ -88,7 +88,7 @@ def benchmark(device: str, iters: int, warmup: int, amp: bool) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = step_parser(__doc__.splitlines()[0])
+    parser = step_parser(__doc__)
     args = parser.parse_args(argv)
     check_devices(args.device)
 

@@ -9,10 +9,10 @@ surviving pairs drives the cost, so the script prints it next to the time. Score
 
 Usage: python benchmarks/soft_nms.py [--scores softmax rpn] [--device cpu]
 """
-import argparse
 import time
 
 import torch
+from _common import benchmark_parser
 
 from regionclip.modeling.box_predictor import batched_soft_nms
 
@@ -60,7 +60,7 @@ def candidates(boxes, scores, threshold):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--boxes", type=int, default=1000)
     parser.add_argument("--classes", type=int, default=1203)
     parser.add_argument("--threshold", type=float, default=0.02)

@@ -17,13 +17,14 @@ world's images have the full world's sizes, so the steps cost what they cost at 
 Usage: python benchmarks/toy_world_steps.py [--run OUT/seed_0] [--iters 8] [--repeats 2]
                                            [--against KEY VALUE ...]
 """
-import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+
+from _common import benchmark_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -54,7 +55,7 @@ def seconds_per_iteration(argv, output_dir) -> float:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--run", help="a toy-world seed folder (default: build a quick one)")
     parser.add_argument("--iters", type=int, default=8, help="iterations per timed run")
     parser.add_argument("--repeats", type=int, default=2)

@@ -73,7 +73,7 @@ def benchmark(device: str, iters: int, warmup: int, amp: bool, layouts) -> list:
 
 
 def main(argv=None) -> None:
-    parser = step_parser(__doc__.splitlines()[0])
+    parser = step_parser(__doc__)
     parser.add_argument("--channels-last", action="store_true",
                         help="also time MODEL.CHANNELS_LAST True against the default layout")
     args = parser.parse_args(argv)

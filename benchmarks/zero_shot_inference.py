@@ -19,14 +19,13 @@ the process's peak resident set (ru_maxrss) over the model-loaded baseline.
 Usage: python benchmarks/zero_shot_inference.py [--device cpu cuda] [--repeats 3] [--variant RN50]
        [--regions 1000]
 """
-import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from _common import norms_from_inputs, peak_memory_mib, peak_rss_mib, sync
+from _common import benchmark_parser, norms_from_inputs, peak_memory_mib, peak_rss_mib, sync
 
 from regionclip.config import load_config
 from regionclip.modeling.build import build_model
@@ -102,7 +101,7 @@ def benchmark(variant: str, device: str, repeats: int, regions: int = NUM_REGION
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__)
     default_devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     parser.add_argument("--device", nargs="+", default=default_devices)
     parser.add_argument("--repeats", type=int, default=3)
