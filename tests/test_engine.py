@@ -1,5 +1,6 @@
 """The training loop (checkpoints, resume, metrics, reported scalars, non-finite losses, AMP)
 on a toy model; the solver's parts are in test_solver.py."""
+import json
 import math
 import os
 import sys
@@ -223,3 +224,27 @@ def test_release_freed_heap_returns_fragmented_pages_to_the_os():
     before = resident_mb()
     release_freed_heap()
     assert before - resident_mb() > 50, "fewer than 50 of the ~94 MB freed were returned"
+
+
+def test_eval_only_keeps_each_test_datasets_results_and_writes_strict_json(tmp_path):
+    """Two test datasets: each keeps its own results file (a subfolder each), and metrics.json
+    holds both, NaN metrics as null (strict json)."""
+    names = []
+    for num_images, folder in ((2, "first"), (3, "second")):
+        json_path, image_dir = make_coco_dataset(tmp_path / folder, num_images=num_images,
+                                                 image_size=(48, 64))
+        names.append(f"coco_json:{json_path}:{image_dir}")
+    run_train_net(["--eval-only", "--config-file", str(REPO / "configs" / "tests" / "tiny.yaml"),
+                   "DATASETS.TEST", str(tuple(names)), "OUTPUT_DIR", str(tmp_path / "eval"),
+                   "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
+    inference = tmp_path / "eval" / "inference"
+    assert not (inference / "coco_instances_results.json").exists()
+    for folder, num_images in (("first", 2), ("second", 3)):
+        [results] = inference.glob(f"*_{folder}_images/coco_instances_results.json")
+        assert len({r["image_id"] for r in json.loads(results.read_text())}) == num_images
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not json")
+    metrics = json.loads((inference / "metrics.json").read_text(), parse_constant=refuse)
+    assert set(metrics) == set(names)
+    assert None in metrics[names[0]]["bbox"].values()  # an area range without objects

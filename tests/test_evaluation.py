@@ -24,6 +24,7 @@ from regionclip.evaluation import (
 )
 from regionclip.evaluation.coco import COCO_METRICS
 from regionclip.evaluation.lvis import LVIS_METRICS, lvis_numpy_compat
+from regionclip.evaluation.results import finite_or_null
 from regionclip.structures import Boxes, Instances
 
 # COCO ids: 1 person and 3 car are OVD base classes, 17 cat and 18 dog are novel.
@@ -217,6 +218,15 @@ def test_write_json_atomic_leaves_no_partial_file(tmp_path):
     with pytest.raises(TypeError):
         write_json_atomic({"x": {1, 2}}, str(fresh))
     assert not fresh.exists() and sorted(os.listdir(tmp_path)) == ["sub"]
+
+
+def test_finite_or_null_turns_every_non_finite_float_into_null():
+    metrics = {"bbox": {"AP": 1.5, "APs": math.nan, "curve": [math.inf, 2.0, -math.inf]},
+               "n": 3, "name": "nan"}
+    text = json.dumps(finite_or_null(metrics), allow_nan=False)
+    assert json.loads(text) == {"bbox": {"AP": 1.5, "APs": None, "curve": [None, 2.0, None]},
+                                "n": 3, "name": "nan"}
+    assert math.isnan(metrics["bbox"]["APs"])  # the caller's dict is not changed
 
 
 # ---------------------------------------------------------------- LVIS

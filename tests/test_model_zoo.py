@@ -53,6 +53,13 @@ def test_official_file_names_bring_their_settings(files, tmp_path):
     assert spec.text_weights == ""  # no pretrained file beside it
 
 
+def test_integer_thresholds_are_taken_as_numbers(files, tmp_path):
+    """``score_threshold=0`` is a float setting given as an int (yacs refused the text "0")."""
+    detector = tiny_detector(files["finetuned"], tmp_path, score_threshold=0, nms_threshold=1)
+    settings = detector.model.roi_heads.inference_settings
+    assert (settings.score_thresh, settings.nms_thresh) == (0.0, 1.0)
+
+
 def test_companion_files_are_found_in_the_pretrained_ckpt_layout(files, tmp_path):
     (tmp_path / "regionclip").mkdir()
     (tmp_path / "rpn").mkdir()

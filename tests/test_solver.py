@@ -50,6 +50,14 @@ def test_constant_warmup_and_steps_beyond_max_iter(caplog):
     assert lrs == pytest.approx(expected, rel=1e-9)
 
 
+def test_a_step_at_max_iter_is_ignored(caplog):
+    """fvcore refuses a milestone equal to the number of updates; such a step changes no LR."""
+    with caplog.at_level(logging.WARNING, logger="regionclip"):
+        lrs = _lrs("WarmupMultiStepLR", 10, steps=(5, 10))
+    assert "at or beyond SOLVER.MAX_ITER" in caplog.text
+    assert lrs == pytest.approx([0.1] * 5 + [0.01] * 5, rel=1e-9)
+
+
 def test_warmup_cosine_schedule():
     lrs = _lrs("WarmupCosineLR", 20, warmup_iters=4, warmup_factor=0.01)
 

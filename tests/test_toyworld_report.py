@@ -57,6 +57,11 @@ def test_read_ap50_reads_the_evaluation_metrics(tmp_path):
     # No detection at all: the evaluator reports NaN COCO metrics and no split.
     (tmp_path / "inference" / "metrics.json").write_text('{"t": {"bbox": {"AP50": NaN}}}')
     assert all(math.isnan(v) for v in read_ap50(str(tmp_path)).values())
+    # NaN is written as null since evaluations write strict json
+    (tmp_path / "inference" / "metrics.json").write_text(
+        '{"t": {"bbox": {"AP50": null, "AP50_novel": null, "AP50_base": 1.0}}}')
+    values = read_ap50(str(tmp_path))
+    assert math.isnan(values["novel"]) and math.isnan(values["all"]) and values["base"] == 1.0
 
 
 def test_loss_curve_keeps_training_records_only(tmp_path):

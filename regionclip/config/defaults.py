@@ -189,7 +189,7 @@ _C.INPUT.MIN_SIZE_TRAIN_SAMPLING = "choice"  # pick one of MIN_SIZE_TRAIN, or "r
 _C.INPUT.MAX_SIZE_TRAIN = 1333  # cap on the longest edge when training
 _C.INPUT.MIN_SIZE_TEST = 800  # shortest edge at test time (0 = no resize)
 _C.INPUT.MAX_SIZE_TEST = 1333
-_C.INPUT.RANDOM_FLIP = "horizontal"  # horizontal, vertical or none
+_C.INPUT.RANDOM_FLIP = "horizontal"  # horizontal or none (detectron2's "vertical" is not carried)
 _C.INPUT.FORMAT = "BGR"  # image channel order fed to the model; CLIP configs use RGB
 _C.INPUT.MASK_FORMAT = "polygon"  # polygon or bitmask
 _C.INPUT.CROP = CfgNode()

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 import time
 from typing import Callable, Dict, NoReturn, Optional
@@ -36,7 +37,7 @@ from ..data.mapper import build_inference_mapper
 from ..distributed import get_rank, get_world_size, is_main_process, launch
 from ..evaluation import ProposalRecallEvaluator, build_evaluator
 from ..evaluation.inference import inference_on_dataset
-from ..evaluation.results import write_json_atomic
+from ..evaluation.results import finite_or_null, write_json_atomic
 from ..modeling.build import build_model
 from ..modeling.detic.build import test_classifier
 from .output_dir import OutputDirLock, check_previous_run, tidy
@@ -177,10 +178,20 @@ def check_vocabulary(model, dataset_name: str) -> None:
         )
 
 
+def dataset_results_dir(output_dir: str, dataset: str, num_datasets: int) -> str:
+    """Where one test dataset's results file goes: ``output_dir`` itself when it is the only
+    one (detectron2's layout), else a subfolder named after it, so that no dataset's results
+    file replaces another's (Detic's ``RESET_CLS_TESTS`` runs test on several)."""
+    if num_datasets == 1:
+        return output_dir
+    return os.path.join(output_dir, re.sub(r"[^\w.-]+", "_", dataset).strip("_"))
+
+
 def test(cfg, model) -> dict:
     """Evaluate on every ``DATASETS.TEST``: COCO/LVIS metrics of a detector, or the recall of
     ground-truth boxes by the proposals of a model without ROI heads (an RPN alone); writes
-    ``OUTPUT_DIR/inference/{coco,lvis}_instances_results.json`` and ``metrics.json``."""
+    ``OUTPUT_DIR/inference/{coco,lvis}_instances_results.json`` (with several test datasets,
+    one subfolder each: :func:`dataset_results_dir`) and ``metrics.json`` (all datasets)."""
     results = {}
     output_dir = os.path.join(cfg.OUTPUT_DIR, "inference")
     proposals_only = not hasattr(model, "roi_heads")
@@ -193,13 +204,14 @@ def test(cfg, model) -> dict:
         records = get_dataset_dicts(name, input_dir=cfg.INPUT_DIR)
         loader = build_test_loader(records, mapper, cfg.DATALOADER.NUM_WORKERS,
                                    cfg.TEST.IMS_PER_BATCH)
-        evaluator = (ProposalRecallEvaluator(output_dir) if proposals_only
-                     else build_evaluator(name, output_dir))
+        results_dir = dataset_results_dir(output_dir, name, len(cfg.DATASETS.TEST))
+        evaluator = (ProposalRecallEvaluator(results_dir) if proposals_only
+                     else build_evaluator(name, results_dir))
         results[name] = inference_on_dataset(model, loader, evaluator)
         if is_main_process():
             logger.info("Results on %s: %s", name, json.dumps(results[name], indent=1))
     if is_main_process() and results:
-        write_json_atomic(results, os.path.join(output_dir, "metrics.json"))
+        write_json_atomic(finite_or_null(results), os.path.join(output_dir, "metrics.json"))
     return results
 
 

@@ -20,6 +20,7 @@ import torch
 
 from ..atomic import atomic_open
 from ..distributed import is_main_process
+from ..evaluation.results import finite_or_null
 
 logger = logging.getLogger("regionclip")
 
@@ -183,11 +184,8 @@ class TrainingMetrics:
 
     def _write_json(self, record: Dict) -> None:
         if self.json_path:
-            # NaN (e.g. AP of an area range without objects) is not json: write null
-            record = {k: v if not isinstance(v, float) or math.isfinite(v) else None
-                      for k, v in record.items()}
             with open(self.json_path, "a") as f:
-                f.write(json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
+                f.write(json.dumps(finite_or_null(record), sort_keys=True, allow_nan=False) + "\n")
 
     def _console_line(self, iteration: int, values: Dict[str, float]) -> str:
         losses = "  ".join(f"{k}: {v:.4g}" for k, v in sorted(values.items()) if "loss" in k)

@@ -138,9 +138,9 @@ def lr_multiplier(name: str, max_iter: int, steps=(), gamma: float = 0.1,
                   warmup_method: str = "linear") -> ParamScheduler:
     """The LR factor as a function of training progress in [0, 1]."""
     if name == "WarmupMultiStepLR":
-        kept = [s for s in steps if s <= max_iter]
+        kept = [s for s in steps if s < max_iter]  # a step at MAX_ITER would change no LR used
         if len(kept) != len(steps):
-            logger.warning("SOLVER.STEPS %s has values beyond SOLVER.MAX_ITER %d; they are "
+            logger.warning("SOLVER.STEPS %s has values at or beyond SOLVER.MAX_ITER %d; they are "
                            "ignored", tuple(steps), max_iter)
         schedule = MultiStepParamScheduler(
             values=[gamma ** k for k in range(len(kept) + 1)], milestones=kept,

@@ -176,14 +176,15 @@ def spec_config(spec: ModelSpec, device: str, score_threshold: Optional[float] =
                  "MODEL.CLIP.OFFLINE_RPN_LSJ_PRETRAINED", spec.rpn.lsj]
     else:  # regions come from the caller, as the original's ground-truth-box mode
         opts += ["MODEL.CLIP.CROP_REGION_TYPE", "GT", "MODEL.CLIP.MULTIPLY_RPN_SCORE", False]
-    opts += list(spec.overrides)
-    for key, value in (("MODEL.ROI_HEADS.SCORE_THRESH_TEST", score_threshold),
-                       ("MODEL.ROI_HEADS.NMS_THRESH_TEST", nms_threshold),
-                       ("TEST.DETECTIONS_PER_IMAGE", max_detections),
-                       ("MODEL.PRECISION", precision)):
+    opts = [str(v) for v in opts + list(spec.overrides)]
+    # typed, not text: yacs would read the text "0" as an int and refuse it for a float key
+    for key, value, kind in (("MODEL.ROI_HEADS.SCORE_THRESH_TEST", score_threshold, float),
+                             ("MODEL.ROI_HEADS.NMS_THRESH_TEST", nms_threshold, float),
+                             ("TEST.DETECTIONS_PER_IMAGE", max_detections, int),
+                             ("MODEL.PRECISION", precision, str)):
         if value is not None:
-            opts += [key, value]
-    return load_config(spec.config, [str(v) for v in opts])
+            opts += [key, kind(value)]
+    return load_config(spec.config, opts)
 
 
 def _check_loaded(report: LoadReport, parts: Sequence[str], what: str, hint: str) -> None:

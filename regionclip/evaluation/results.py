@@ -1,6 +1,7 @@
 """Predictions -> COCO-format result dicts, and crash-safe json writing."""
 
 import json
+import math
 import os
 
 import numpy as np
@@ -47,6 +48,18 @@ def _encode_masks(masks):
         rle["counts"] = rle["counts"].decode("utf-8")
         rles.append(rle)
     return rles
+
+
+def finite_or_null(obj):
+    """``obj`` with every NaN or infinite float as None: those are not json, and a metric is NaN
+    by design where it has nothing to measure (e.g. the AP of an area range without objects)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {key: finite_or_null(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(value) for value in obj]
+    return obj
 
 
 def write_json_atomic(obj, path):

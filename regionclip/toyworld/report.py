@@ -32,7 +32,8 @@ def read_ap50(output_dir: str) -> Dict[str, float]:
     with open(path) as f:
         results = json.load(f)
     bbox = next(iter(results.values()))["bbox"]
-    return {split: bbox.get(f"AP50_{split}", math.nan) for split in SPLITS}
+    values = {split: bbox.get(f"AP50_{split}") for split in SPLITS}
+    return {split: math.nan if value is None else value for split, value in values.items()}
 
 
 def chance_ap50(test_json: str, seed: int = 0) -> float:
