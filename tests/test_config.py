@@ -224,6 +224,7 @@ def test_override_errors_name_the_key_and_the_command_line():
     ("MODEL.LOAD_PROPOSALS", "True"),
     ("DATASETS.PROPOSAL_FILES_TEST", "('proposals.pkl',)"),
     ("MODEL.ROI_BOX_HEAD.POOLER_TYPE", "ROIPool"),
+    ("MODEL.ROI_BOX_HEAD.USE_FED_LOSS", "True"),
 ])
 def test_features_not_carried_are_refused_not_ignored(key, value):
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)} .*does not carry.*set it to"):
@@ -233,9 +234,11 @@ def test_features_not_carried_are_refused_not_ignored(key, value):
 def test_not_carried_keys_at_their_defaults_load(tmp_path):
     # The original's configs may spell the defaults out (a YAML list becomes the default tuple).
     path = _write(tmp_path / "spelled.yaml", f"_BASE_: {TINY}\nDATASETS:\n"
-                  "  PROPOSAL_FILES_TRAIN: []\nINPUT:\n  CROP:\n    ENABLED: False\n")
+                  "  PROPOSAL_FILES_TRAIN: []\nINPUT:\n  CROP:\n    ENABLED: False\n"
+                  "MODEL:\n  ROI_BOX_HEAD:\n    USE_FED_LOSS: False\n")  # as Detic's configs
     cfg = load_config(path)
     assert cfg.DATASETS.PROPOSAL_FILES_TRAIN == () and cfg.INPUT.CROP.ENABLED is False
+    assert cfg.MODEL.ROI_BOX_HEAD.USE_FED_LOSS is False
 
 
 def test_overrides_decode_literals():

@@ -321,6 +321,8 @@ _C.MODEL.ROI_BOX_HEAD.IMAGE_BOX_SIZE = 1.0  # < 1: a centred box of this relativ
 _C.MODEL.ROI_BOX_HEAD.CAPTION_WEIGHT = 1.0  # of the caption loss inside the image loss
 _C.MODEL.ROI_BOX_HEAD.NEG_CAP_WEIGHT = 0.125  # of the other captions' (negative) terms
 _C.MODEL.ROI_BOX_HEAD.SOFTMAX_WEAK_LOSS = False  # max_size: softmax CE instead of sigmoid BCE
+_C.MODEL.ROI_BOX_HEAD.USE_FED_LOSS = False  # Detic's LVIS federated loss (not carried)
+_C.MODEL.ROI_BOX_HEAD.WITH_SOFTMAX_PROP = False  # Detic's softmax-proposal ablation (not carried)
 _C.INPUT.CUSTOM_AUG = ""  # "ResizeShortestEdge": per-dataset DATASET_MIN/MAX_SIZES (mixed data)
 # MultiDatasetSampler (DATALOADER.SAMPLER_TRAIN): one entry per DATASETS.TRAIN dataset.
 _C.DATALOADER.DATASET_RATIO = [1, 1]  # share of the draws from each dataset
