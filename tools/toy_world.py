@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from regionclip.atomic import atomic_open
 from regionclip.checkpoint import read_state_dict
+from regionclip.evaluation.results import finite_or_null
 from regionclip.toyworld import WorldSizes
 from regionclip.toyworld.report import (
     loss_curve,
@@ -364,10 +365,11 @@ def main(argv=None) -> Dict:
                         args.teacher_crop_context) for seed in args.seeds]
     summary = summarize(reports)
     with atomic_open(os.path.join(out, "report.json"), "w") as f:
-        json.dump({**pick(summary, "mean"), "spread": pick(summary, "spread"),
-                   "claims_held": pick(summary["claims"], "held"), "seed": args.seeds[0],
-                   "seeds": args.seeds,
-                   "budget": args.budget, "per_seed": reports}, f, indent=1)
+        json.dump(finite_or_null({**pick(summary, "mean"), "spread": pick(summary, "spread"),
+                                  "claims_held": pick(summary["claims"], "held"),
+                                  "seed": args.seeds[0], "seeds": args.seeds,
+                                  "budget": args.budget, "per_seed": reports}),
+                  f, indent=1, allow_nan=False)
     table = markdown_table(summary)
     held = "\n".join(f"- {name}: held on {v['held']} of {v['of']} seeds"
                      for name, v in summary["claims"].items())

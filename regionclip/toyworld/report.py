@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..atomic import atomic_open
 from ..data.coco import load_coco_api
 from ..evaluation.coco import ovd_split_ap50, run_coco_eval
+from ..evaluation.results import finite_or_null
 from ..modeling.text_encoder import load_embeddings
 
 logger = logging.getLogger(__name__)
@@ -194,7 +195,8 @@ def write_report(out: str, report: Dict, stage_seconds: Dict[str, float],
                  commands: Dict[str, str], curves: Dict[str, List[List[float]]]) -> None:
     """``report.json``, ``REPORT.md`` and ``loss_curves.png`` in ``out``."""
     with atomic_open(os.path.join(out, "report.json"), "w") as f:
-        json.dump({**report, "stage_seconds": stage_seconds, "commands": commands}, f, indent=1)
+        json.dump(finite_or_null({**report, "stage_seconds": stage_seconds, "commands": commands}),
+                  f, indent=1, allow_nan=False)
     png = _plot_curves(curves, os.path.join(out, "loss_curves.png"))
     held = "\n".join(f"- {name}: {'holds' if ok else 'does NOT hold'}"
                      for name, ok in report["claims"].items())
