@@ -88,7 +88,9 @@ def _lvis_specs():
     every image of the ground-truth json, and an image without boxes can still list negative
     categories on which false positives count, so skipping inference there would overstate
     AP. The original's reordering by annotation count is not reproduced (it changes no
-    metric); its cap of 500 boxes per image is, as it only affects ground-truth-box inference.
+    metric); its cap of 500 boxes per image is, on every split as there (it was meant for
+    ground-truth-box inference, where each box is a region to embed, but also trims training
+    images).
     """
     json_files = {
         "train": "lvis/lvis_v1_train.json",
