@@ -231,6 +231,21 @@ def test_stale_lineidx_is_reported(tmp_path):
         TSVPairSource(folder)
 
 
+def test_lineidx_of_a_rewritten_tsv_is_refused(tmp_path):
+    folder = write_tsv_dataset(tmp_path, 3, 1, SIZE)
+    text = os.path.join(folder, "train.text.tsv")
+    rows = open(text).read().splitlines()
+    with open(text, "w") as f:  # same keys, other caption lengths: the old index is wrong
+        f.writelines(f"{row.split(chr(9))[0]}\t{json.dumps({'captions': ['x' * 9 * (i + 1)]})}\n"
+                     for i, row in enumerate(rows))
+    with pytest.raises(ValueError, match="train.text.lineidx does not belong.*delete it"):
+        TSVPairSource(folder)
+    os.remove(lineidx_path(text))
+    source = TSVPairSource(folder)
+    assert [source.read(i, random.Random(0)).captions for i in range(3)] == \
+        [["x" * 9], ["x" * 18], ["x" * 27]]
+
+
 def test_tsv_folder_scan(tmp_path):
     for name in ("b.img.tsv", "b.caption.tsv", "a.images.tsv", "a.text.tsv", "c.image.tsv",
                  "c.text.tsv", "notes.tsv", "a.images.lineidx"):

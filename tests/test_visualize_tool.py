@@ -102,3 +102,15 @@ def test_visualize_reports_missing_dataset_images(tmp_path):
         load_tool("visualize_json_results").main(["--input", str(tmp_path / "results.json"),
                                               "--output", str(tmp_path / "drawn"),
                                               "--dataset", dataset])
+
+
+def test_visualize_refuses_to_draw_over_the_dataset_images(tmp_path):
+    json_path, image_dir, dataset = coco_json_dataset(tmp_path / "data", num_images=2)
+    write_json(tmp_path / "results.json", [])
+    before = {name: open(os.path.join(image_dir, name), "rb").read()
+              for name in os.listdir(image_dir)}
+    with pytest.raises(ValueError, match="holds the dataset's images"):
+        load_tool("visualize_json_results").main(["--input", str(tmp_path / "results.json"),
+                                              "--output", image_dir, "--dataset", dataset])
+    assert {name: open(os.path.join(image_dir, name), "rb").read()
+            for name in os.listdir(image_dir)} == before

@@ -86,13 +86,19 @@ def group_by_image(results: Sequence[Dict], image_ids: Sequence, category_ids) -
 
 
 def output_paths(records: Sequence[Dict], output_dir: str) -> List[str]:
-    """``output_dir/<image file name>`` per record; two images may not share a name."""
+    """``output_dir/<image file name>`` per record; two images may not share a name, and no
+    drawing may replace the image it is drawn from."""
     names = [os.path.basename(record["file_name"]) for record in records]
     clashes = sorted(name for name, count in Counter(names).items() if count > 1)
     if clashes:
         raise ValueError(f"several images are named {clashes[:5]}; their drawings would "
                          "overwrite each other")
-    return [os.path.join(output_dir, name) for name in names]
+    paths = [os.path.join(output_dir, name) for name in names]
+    for record, path in zip(records, paths):
+        if os.path.exists(path) and os.path.samefile(path, record["file_name"]):
+            raise ValueError(f"--output {output_dir} holds the dataset's images: the drawings "
+                             f"would replace them (e.g. {path}); choose another folder")
+    return paths
 
 
 def main(argv=None) -> List[str]:

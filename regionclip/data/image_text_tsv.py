@@ -67,17 +67,32 @@ def generate_lineidx(tsv_path: str) -> np.ndarray:
     return offsets
 
 
-def load_lineidx(tsv_path: str) -> np.ndarray:
+def load_lineidx(tsv_path: str, checked_rows: int = 16) -> np.ndarray:
+    """The row offsets of ``tsv_path`` from its ``.lineidx`` (generated when missing). An index
+    of another file (the TSV rewritten since) is refused: ``checked_rows`` offsets spread over
+    the file, the last included, must each start a line."""
     path = lineidx_path(tsv_path)
     if not os.path.isfile(path):
         logger.info("Generating the missing %s", path)
         return generate_lineidx(tsv_path)
     with open(path) as f:
         offsets = np.asarray(f.read().split(), dtype=np.int64)
-    if len(offsets) and offsets[-1] >= os.path.getsize(tsv_path):
-        raise ValueError(f"{path} does not belong to {tsv_path} (offset {offsets[-1]} is past "
-                         "its end); delete it to have it regenerated")
+    picked = np.unique(np.linspace(0, len(offsets) - 1, min(checked_rows, len(offsets))).round())
+    bad = [int(offsets[int(i)]) for i in picked if not _starts_line(tsv_path, int(offsets[int(i)]))]
+    if bad:
+        raise ValueError(f"{path} does not belong to {tsv_path} (offset {bad[0]} is not the "
+                         "start of a line); delete it to have it regenerated")
     return offsets
+
+
+def _starts_line(tsv_path: str, offset: int) -> bool:
+    if offset >= os.path.getsize(tsv_path):
+        return False
+    if offset == 0:
+        return True
+    with open(tsv_path, "rb") as f:
+        f.seek(offset - 1)
+        return f.read(1) == b"\n"
 
 
 class TSVFile:
