@@ -66,7 +66,7 @@ def test_default_vocabulary(tmp_path):
     assert len(names) == len(set(names)) == 80
     assert names[0] == "person" and names[-1] == "toothbrush" and names[9] == "traffic light"
     assert {name for _, name in ALL_CATEGORIES} <= set(names)
-    assert default_vocabulary() == names
+    assert list(default_vocabulary()) == names
     lvis = {"categories": [
         {"id": 2, "name": "bow_(weapon)", "synset": "bow.n.04", "frequency": "r"},
         {"id": 1, "name": "person", "synset": "person.n.01", "frequency": "f"},
@@ -74,7 +74,12 @@ def test_default_vocabulary(tmp_path):
     ]}
     path = tmp_path / "lvis.json"
     path.write_text(json.dumps(lvis))
-    assert default_vocabulary(str(path)) == names + ["bow weapon", "bolo tie"]
+    vocabulary = default_vocabulary(str(path))
+    assert list(vocabulary) == names + ["bow weapon", "bolo tie"]
+    assert (vocabulary["bow weapon"], vocabulary["bolo tie"]) == ("bow", "bolo tie")
+    # a caption names the LVIS class without its qualifier, as Detic's tags
+    counts = count_mentions(["two bows and a bolo tie", "a bow weapon", "a person"], vocabulary)
+    assert counts == {"bow weapon": 2, "bolo tie": 1, "person": 1}
 
 
 def test_parser_proposes_extra_nouns():

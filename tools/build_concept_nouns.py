@@ -35,6 +35,7 @@ import logging
 import os
 import sys
 
+from regionclip.atomic import atomic_open
 from regionclip.data.coco import class_names_from_file
 from regionclip.data.nouns import (
     CAPTION_FORMATS,
@@ -77,7 +78,7 @@ def main(argv=None) -> str:
     if not nouns:
         raise SystemExit(f"no name is mentioned {args.min_count} times in {args.captions}")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
+    with atomic_open(args.output, "w", encoding="utf-8") as f:
         f.writelines(f"{name}\n" for name, _ in nouns)
     logger.info("Wrote %d nouns (of %d candidates) to %s; most frequent: %s", len(nouns),
                 len(vocabulary), args.output, ", ".join(f"{n} ({c})" for n, c in nouns[:10]))

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 from collections import Counter
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 from pycocotools.coco import COCO
 
@@ -297,7 +297,7 @@ def class_names_from_file(path: str, exclude_rare: bool = False) -> List[str]:
     if not os.path.isfile(path):
         raise FileNotFoundError(missing_file_message(path, "class-name file"))
     if path.endswith(".json"):
-        names = _names_from_json(path, exclude_rare)
+        names = [clean for clean, _ in json_class_names(path, exclude_rare)]
     else:
         if exclude_rare:
             raise ValueError(f"exclude_rare needs an LVIS json, got {path}")
@@ -306,7 +306,9 @@ def class_names_from_file(path: str, exclude_rare: bool = False) -> List[str]:
     return check_class_names(names, path)
 
 
-def _names_from_json(path: str, exclude_rare: bool) -> List[str]:
+def json_class_names(path: str, exclude_rare: bool = False) -> List[Tuple[str, str]]:
+    """(class name, name as written in the file) of a COCO/LVIS json's categories, by id; see
+    :func:`class_names_from_file` for the cleaning of LVIS names."""
     with open(path, encoding="utf-8") as f:
         categories = json.load(f).get("categories")
     if not isinstance(categories, list):
@@ -318,8 +320,9 @@ def _names_from_json(path: str, exclude_rare: bool) -> List[str]:
             raise ValueError(f"exclude_rare needs an LVIS json (with 'frequency'), got {path}")
         categories = [c for c in categories if c["frequency"] != "r"]
     if not is_lvis:
-        return [c["name"] for c in categories]
-    return [c["name"].replace("_", " ").replace("(", "").replace(")", "") for c in categories]
+        return [(c["name"], c["name"]) for c in categories]
+    return [(c["name"].replace("_", " ").replace("(", "").replace(")", ""), c["name"])
+            for c in categories]
 
 
 def check_class_names(names: Sequence[str], source: str = "the vocabulary") -> List[str]:

@@ -3,16 +3,18 @@
 A name matches a run of whole lower-cased alphanumeric words, its last word also in plural form
 (regular, -man -> -men, a few irregular); the longest name at a position wins and consumes its
 words ("hot dogs" counts "hot dog", not "dog"); a name counts once per caption. Candidates: the
-COCO 80 names, then the names of an LVIS json when given (LVIS names are not shipped). spaCy
+COCO 80 names, then the names of an LVIS json when given (LVIS names are not shipped), which a
+caption mentions without their qualifier ("bow" for ``bow_(weapon)``, as Detic tags captions).
+spaCy
 (``en_core_web_sm``) or nltk (tagger + WordNet), when installed, can propose further nouns.
 """
 import logging
 import os
 import re
 from collections import Counter
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .coco import class_names_from_file
+from .coco import json_class_names
 from .coco_ovd import ALL_CATEGORIES
 from .image_text_sources import CAPTIONS_JSONL, TAR_SUFFIXES, JsonlSource, WebDatasetSource
 from .image_text_tsv import find_tsv_pairs, iter_tsv_texts
@@ -33,6 +35,8 @@ IRREGULAR_PLURALS = {
 _WORD = re.compile(r"[a-z0-9]+")
 _NOUN = re.compile(r"[a-z][a-z-]*[a-z]")
 NounParser = Callable[[str], List[str]]
+# Candidate names, or name -> the phrase a caption mentions it by (default: the name itself).
+Vocabulary = Union[Sequence[str], Mapping[str, str]]
 
 
 def coco_class_names() -> List[str]:
@@ -40,12 +44,14 @@ def coco_class_names() -> List[str]:
     return [name for _, name in sorted(ALL_CATEGORIES + COCO_EXTRA_CATEGORIES)]
 
 
-def default_vocabulary(lvis_json: Optional[str] = None) -> List[str]:
-    """COCO 80 names, then the LVIS names of ``lvis_json`` (if given) not already present."""
-    names = coco_class_names()
-    if lvis_json:
-        names += class_names_from_file(lvis_json)
-    return list(dict.fromkeys(names))
+def default_vocabulary(lvis_json: Optional[str] = None) -> Dict[str, str]:
+    """Name -> the phrase a caption mentions it by: the COCO 80 names, then the LVIS names of
+    ``lvis_json`` (if given) not already present, cleaned as class names are ("bow weapon") and
+    mentioned without their qualifier ("bow"; a phrase two names share counts for the first)."""
+    vocabulary = {name: name for name in coco_class_names()}
+    for name, written in json_class_names(lvis_json) if lvis_json else ():
+        vocabulary.setdefault(name, written.split("(")[0].replace("_", " ").strip())
+    return vocabulary
 
 
 def words(text: str) -> List[str]:
@@ -73,12 +79,13 @@ def plural_forms(word: str) -> set:
 class MentionMatcher:
     """Finds the vocabulary names mentioned in a caption."""
 
-    def __init__(self, vocabulary: Sequence[str]):
+    def __init__(self, vocabulary: Vocabulary):
+        said = vocabulary if isinstance(vocabulary, Mapping) else {n: n for n in vocabulary}
         self.phrases: Dict[Tuple[str, ...], str] = {}
-        for name in vocabulary:  # exact forms first: they win over another name's plural
-            self.phrases.setdefault(tuple(words(name)), name)
-        for name in vocabulary:
-            *head, last = words(name) or [""]
+        for name, phrase in said.items():  # exact forms first: they win over another's plural
+            self.phrases.setdefault(tuple(words(phrase)), name)
+        for name, phrase in said.items():
+            *head, last = words(phrase) or [""]
             for plural in plural_forms(last) if last else ():
                 self.phrases.setdefault((*head, plural), name)
         self.phrases.pop((), None)
@@ -98,7 +105,7 @@ class MentionMatcher:
         return found
 
 
-def count_mentions(captions: Iterable[str], vocabulary: Sequence[str]) -> Counter:
+def count_mentions(captions: Iterable[str], vocabulary: Vocabulary) -> Counter:
     """Name -> number of captions that mention it (names never mentioned are absent)."""
     matcher = MentionMatcher(vocabulary)
     counts = Counter()
@@ -113,7 +120,7 @@ def select_nouns(counts: Counter, min_count: int) -> List[Tuple[str, int]]:
     return sorted(kept, key=lambda item: (-item[1], item[0]))
 
 
-def build_concept_nouns(captions: Iterable[str], vocabulary: Sequence[str], min_count: int,
+def build_concept_nouns(captions: Iterable[str], vocabulary: Vocabulary, min_count: int,
                         parser: Optional[NounParser] = None) -> List[Tuple[str, int]]:
     """Frequent vocabulary names plus, with a parser, frequent nouns outside the vocabulary
     (both counted as the number of captions holding them)."""
