@@ -1,6 +1,7 @@
 """Detic's data: image-label jsons, its dataset names, and mixed box / image-labelled training
 (draw shares, per-dataset batches and sizes, exact restart)."""
 import json
+import os
 from collections import Counter
 from itertools import islice
 
@@ -168,6 +169,16 @@ def test_prepare_detic_coco_writes_detics_files(tmp_path, monkeypatch):
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
     records = get_dataset_dicts("coco_caption_train_tags", check_files=False)
     assert [r["pos_category_ids"] for r in records] == [[0, 2], [1]]
+
+
+def test_prepare_detic_coco_checks_every_input_before_writing(tmp_path):
+    coco = tmp_path / "coco"
+    instances = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "person"}]}
+    for name in ("instances_train2017", "instances_val2017"):
+        write_json(coco / "annotations" / f"{name}.json", instances)
+    with pytest.raises(SystemExit, match="captions_train2017.json not found"):
+        load_tool("prepare_detic_coco").main(["--coco-root", str(coco)])
+    assert sorted(os.listdir(coco)) == ["annotations"]  # nothing written
 
 
 def test_datasets_trained_together_must_list_the_same_classes(tmp_path):

@@ -151,6 +151,10 @@ def test_jsonl_bad_line_names_file_and_line(tmp_path):
                                              '{"caption": "no file name"}\n')
     with pytest.raises(ValueError, match=r"captions.jsonl line 2"):
         JsonlSource(str(tmp_path))
+    (tmp_path / "captions.jsonl").write_text('{"file_name": "a.jpg", "caption": "x"}\n\n\n'
+                                             '{"file_nam": "b.jpg", "caption": "y"}\n')
+    with pytest.raises(ValueError, match=r"captions.jsonl line 4"):  # blank lines count
+        JsonlSource(str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,8 +46,6 @@ def parse_args(argv=None):
 
 
 def _read(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: {path} not found; see datasets/README.md for the layout")
     with open(path) as f:
         return json.load(f)
 
@@ -62,6 +60,12 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     annotations = os.path.join(args.coco_root, "annotations")
+    inputs = [os.path.join(annotations, f"{name}.json") for name in
+              ("instances_train2017", "instances_val2017", "captions_train2017")]
+    missing = [path for path in inputs + [args.synonyms] if path and not os.path.isfile(path)]
+    if missing:  # before anything is written, so no half of the outputs is left behind
+        raise SystemExit(f"error: {', '.join(missing)} not found; see datasets/README.md for the "
+                         "layout")
     synonyms = _read(args.synonyms) if args.synonyms else {}
     train = _read(os.path.join(annotations, "instances_train2017.json"))
     categories = train["categories"]

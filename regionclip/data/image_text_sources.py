@@ -16,7 +16,7 @@ import os
 import re
 import tarfile
 import zlib
-from typing import Iterator, List, NamedTuple, Optional, Sequence, Union
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -63,12 +63,12 @@ def scan_line_offsets(path: str) -> np.ndarray:
     return np.asarray(offsets, dtype=np.int64)
 
 
-def _jsonl_entry(line: str, path: str, line_number: int, max_captions: int):
+def _jsonl_entry(line: str, path: str, where: str, max_captions: int):
     try:
         entry = json.loads(line)
         file_name = entry["file_name"]
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} line {line_number}: expected a JSON object with 'file_name' "
+        raise ValueError(f"{path} {where}: expected a JSON object with 'file_name' "
                          f"and 'captions' or 'caption' ({error!r})") from error
     captions = clean_captions(entry.get("captions", entry.get("caption")), max_captions)
     return str(entry.get("key", file_name)), file_name, captions
@@ -88,26 +88,30 @@ class JsonlSource:
         self.offsets = scan_line_offsets(jsonl)
         if len(self.offsets) == 0:
             raise ValueError(f"{jsonl} lists no images")
-        for number, line in enumerate(self._lines(), start=1):
-            _jsonl_entry(line, jsonl, number, max_captions)
+        for number, line in self._lines():
+            _jsonl_entry(line, jsonl, f"line {number}", max_captions)
 
     def __len__(self) -> int:
         return len(self.offsets)
 
-    def _lines(self) -> Iterator[str]:
+    def _lines(self) -> Iterator[Tuple[int, str]]:
+        """(line number, line) of the non-blank lines."""
         with open(self.path, encoding="utf-8") as f:
-            yield from filter(str.strip, f)
+            yield from ((number, line) for number, line in enumerate(f, start=1) if line.strip())
 
     def read(self, index: int, rng) -> RawSample:
         with open(self.path, "rb") as f:
             f.seek(int(self.offsets[index]))
             line = f.readline().decode("utf-8")
-        key, file_name, captions = _jsonl_entry(line, self.path, index + 1, self.max_captions)
+        # every line was checked when the file was opened: this fails only if it changed since
+        key, file_name, captions = _jsonl_entry(
+            line, self.path, f"entry {index + 1} (changed since it was opened?)",
+            self.max_captions)
         return RawSample(key, os.path.join(self.root, file_name), captions)
 
     def iter_captions(self) -> Iterator[List[str]]:
-        for number, line in enumerate(self._lines(), start=1):
-            yield _jsonl_entry(line, self.path, number, None)[2]
+        for number, line in self._lines():
+            yield _jsonl_entry(line, self.path, f"line {number}", None)[2]
 
 
 def expand_braces(pattern: str) -> List[str]:
