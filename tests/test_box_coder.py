@@ -33,6 +33,15 @@ def test_round_trip_recovers_targets():
     torch.testing.assert_close(recovered, tgt, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_deltas_are_decoded_in_float32(dtype):
+    """Under AMP the RPN's deltas are half precision; proposals keep float32 resolution."""
+    anchor = torch.tensor([[600.3, 410.7, 690.1, 512.9]])
+    decoded = Box2BoxTransform(WEIGHTS).apply_deltas(torch.zeros(1, 4, dtype=dtype), anchor)
+    assert decoded.dtype == torch.float32
+    torch.testing.assert_close(decoded, anchor)
+
+
 def test_class_specific_deltas_k4():
     coder = Box2BoxTransform(WEIGHTS)
     src = _random_boxes(8, 2)

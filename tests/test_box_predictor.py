@@ -142,6 +142,22 @@ def test_set_test_embeddings_accepts_unnormalised_rows():
     torch.testing.assert_close(predictor(x)[0], logits)
 
 
+def test_a_vocabulary_set_after_the_model_moved_follows_it():
+    """As Detector.set_vocabulary on a model already on the GPU; a dtype move stands in for the
+    device move on machines without one (the layer was always made on the CPU in float32)."""
+    predictor = TextEmbeddingPredictor(torch.randn(3, 8)).to(torch.float64).eval()
+    predictor.set_test_embeddings(torch.randn(4, 8))
+    assert predictor.test_cls_score.weight.dtype == torch.float64
+    assert predictor(torch.randn(2, 8, dtype=torch.float64))[0].shape == (2, 5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_vocabulary_set_on_a_gpu_model_stays_on_the_gpu():
+    predictor = TextEmbeddingPredictor(torch.randn(3, 8)).cuda().eval()
+    predictor.set_test_embeddings(torch.randn(4, 8))
+    assert predictor(torch.randn(2, 8, device="cuda"))[0].shape == (2, 5)
+
+
 def test_bbox_pred_sees_the_unnormalised_embedding():
     predictor = TextEmbeddingPredictor(torch.randn(3, 8))
     torch.nn.init.normal_(predictor.bbox_pred.bias)

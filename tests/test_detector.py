@@ -316,6 +316,19 @@ def test_mask_head_takes_the_variants_res5_channels(tmp_path):
 
 
 @torch.no_grad()
+def test_class_specific_masks_refuse_a_test_vocabulary(tmp_path):
+    """Their channels are the training classes; a test vocabulary's class ids would pick
+    another class's mask (or none)."""
+    model = _build(tmp_path, "MODEL.MASK_ON", "True")
+    assert model.roi_heads.mask_head.predictor.out_channels == 3
+    image, boxes = _image(64, 96, seed=1), _boxes(5, 64, 96, seed=2)
+    assert len(model([_input(image, boxes)])[0]["instances"]) > 0  # training classes: fine
+    model.roi_heads.box_predictor.set_test_embeddings(torch.randn(8, TINY.embed_dim))
+    with pytest.raises(ValueError, match="CLS_AGNOSTIC_MASK False.*test vocabulary"):
+        model([_input(image, boxes)])
+
+
+@torch.no_grad()
 def test_detector_returns_pasted_masks(tmp_path):
     model = _build(tmp_path, "MODEL.MASK_ON", "True", "MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK",
                    "True")

@@ -54,8 +54,11 @@ class Box2BoxTransform:
 
     def apply_deltas(self, deltas: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """[N, k*4] xyxy boxes from deltas [N, k*4] (k >= 1 transforms per box, e.g. one per
-        class) on boxes [N, 4] xyxy (cast to ``deltas.dtype``); dw/dh are clamped at
-        ``scale_clamp`` before exp."""
+        class) on boxes [N, 4] xyxy (cast to ``deltas.dtype``; half-precision deltas, as AMP
+        makes them, are decoded in float32, as detectron2 does: a bf16 box coordinate near 600
+        px is rounded to 4 px); dw/dh are clamped at ``scale_clamp`` before exp."""
+        if deltas.dtype in (torch.float16, torch.bfloat16):
+            deltas = deltas.float()
         ctr_x, ctr_y, widths, heights = _centres_and_sizes(boxes.to(deltas.dtype))
         wx, wy, ww, wh = self.weights
         dx = deltas[:, 0::4] / wx

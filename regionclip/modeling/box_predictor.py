@@ -19,7 +19,9 @@ from .matcher import regression_targets
 
 
 def _frozen_linear(weight: torch.Tensor) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    """A bias-free layer holding ``weight``, on its device and of its dtype."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device,
+                      dtype=weight.dtype)
     layer.weight.data.copy_(weight)
     layer.weight.requires_grad_(False)
     return layer
@@ -66,8 +68,8 @@ class TextEmbeddingPredictor(nn.Module):
                 f"Vocabulary embeddings must be [C, {self.cls_score.weight.shape[1]}], "
                 f"got {list(embeddings.shape)}"
             )
-        device = self.cls_score.weight.device
-        self.test_cls_score = _frozen_linear(embeddings.to(device, torch.float32))
+        # where the model is now (a vocabulary is often set after the model went to the GPU)
+        self.test_cls_score = _frozen_linear(embeddings.to(self.cls_score.weight))
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """x: [R, D] region embeddings -> (logits [R, C+1] with background last, deltas [R, 4])."""

@@ -146,6 +146,12 @@ class RegionHead(nn.Module):
                 for p in proposals]
 
     def _predict_masks(self, res4, trunk: CLIPResNet, results: List[Instances]) -> None:
+        class_specific = self.mask_head.predictor.out_channels > 1
+        if class_specific and self.box_predictor.test_cls_score is not None:
+            raise ValueError("class-specific masks (MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK False) "
+                             "have one channel per training class, but the detections are of a "
+                             "test vocabulary; use a class-agnostic mask head, as every "
+                             "RegionCLIP mask config does")
         boxes = [r.pred_boxes.tensor for r in results]
         if sum(len(b) for b in boxes) == 0:
             for r in results:
