@@ -74,11 +74,15 @@ def test_training_forward_returns_scalar_losses():
 def test_gradients_reach_the_trunk_from_res3_and_no_frozen_part():
     torch.manual_seed(0)
     model = build_model(_rpn_cfg("MODEL.MASK_ON", "True",
-                                 "MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK", "True"))
+                                 "MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK", "True",
+                                 "MODEL.CLIP.GET_CONCEPT_EMB", "True"))
     model.roi_heads.box_predictor.set_test_embeddings(torch.randn(5, 32))
     inputs = [_input(0, masks=True), _input(1, masks=True)]
     _calibrated(model, inputs).train()
     assert not model.offline_backbone.training and not model.offline_proposal_generator.training
+    # the text tower is never trained here (DDP would refuse its unused parameters)
+    assert not model.lang_encoder.training
+    assert not any(p.requires_grad for p in model.lang_encoder.parameters())
     losses = model(inputs)
     assert set(losses) == {"loss_cls", "loss_box_reg", "loss_mask"}
     sum(losses.values()).backward()
@@ -86,7 +90,7 @@ def test_gradients_reach_the_trunk_from_res3_and_no_frozen_part():
     learning = ("backbone.layer2.", "backbone.layer3.", "backbone.layer4.", "backbone.attnpool.",
                 "roi_heads.box_predictor.bbox_pred.", "roi_heads.mask_head.")
     frozen = ("backbone.conv1.", "backbone.conv2.", "backbone.conv3.", "backbone.layer1.",
-              "offline_backbone.", "offline_proposal_generator.",
+              "offline_backbone.", "offline_proposal_generator.", "lang_encoder.",
               "roi_heads.box_predictor.cls_score.", "roi_heads.box_predictor.cls_bg_score.",
               "roi_heads.box_predictor.test_cls_score.")
     for name, grad in grads.items():

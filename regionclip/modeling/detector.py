@@ -3,7 +3,7 @@
 Attribute names are the official state-dict prefixes: ``backbone`` (CLIP trunk, including
 res5 and the attention pool), ``roi_heads`` (predictor and mask head), ``offline_backbone``
 and ``offline_proposal_generator`` (the frozen RPN, present with RPN proposals) and
-``lang_encoder`` (the text tower, present when asked for).
+``lang_encoder`` (the text tower, present when asked for, frozen).
 """
 from typing import Dict, List, Optional, Sequence
 
@@ -47,7 +47,8 @@ class CLIPFastRCNN(nn.Module):
         self.offline_backbone = offline_backbone
         self.offline_proposal_generator = offline_proposal_generator
         self.offline_input = offline_input
-        self.lang_encoder = lang_encoder
+        # the text tower embeds names and captions; nothing here trains it
+        self.lang_encoder = None if lang_encoder is None else lang_encoder.requires_grad_(False)
         self.precision = check_precision(precision)
         self._fast = FastCopies()
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -56,6 +57,12 @@ class CLIPFastRCNN(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
+
+    def train(self, mode: bool = True) -> "CLIPFastRCNN":
+        super().train(mode)
+        if self.lang_encoder is not None:
+            self.lang_encoder.eval()
+        return self
 
     def forward(self, batched_inputs: List[Dict]):
         """Detections for each input dict (``image`` [3, H, W] 0-255 in the config's format,

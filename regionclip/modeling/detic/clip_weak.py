@@ -38,14 +38,6 @@ class WeaklySupervisedCLIPFastRCNN(CLIPFastRCNN):
             raise ValueError("image-labelled training needs proposals: set "
                              "MODEL.CLIP.CROP_REGION_TYPE RPN")
         self.weak = weak
-        if self.lang_encoder is not None:
-            self.lang_encoder.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> "WeaklySupervisedCLIPFastRCNN":
-        super().train(mode)
-        if self.lang_encoder is not None:
-            self.lang_encoder.eval()
-        return self
 
     def losses(self, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
         """CLIPFastRCNN's losses plus ``image_loss`` (0 on box batches; the only non-zero
