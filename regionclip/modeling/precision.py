@@ -9,8 +9,8 @@
                embeddings ~1e-6 relative).
 ``tf32``       ``fp32-fast`` with TF32 tensor-core matmuls and convolutions (CUDA; elsewhere it
                is ``fp32-fast``).
-``bf16``       ``fp32-fast`` with the CLIP trunk (res4, res5) under bfloat16 autocast; the
-               attention pool, classifier and post-processing stay float32.
+``bf16``       ``tf32`` with the CLIP trunk (res4, res5) under bfloat16 autocast; the
+               attention pool, classifier and post-processing stay float32 (TF32 on CUDA).
                Pays on GPUs and CPUs with bf16 matrix units only.
 
 The offline RPN stays exact on every path: its top-k and NMS turn rounding differences into
