@@ -364,6 +364,11 @@ def test_fewer_items_than_processes(tmp_path):
     folder = write_tsv_dataset(tmp_path, 1, 1, SIZE)
     with pytest.raises(ValueError, match="fewer than the 2 processes"):
         list(_dataset(TSVPairSource(folder), rank=1, world_size=2))
+    folder = write_tsv_dataset(tmp_path / "three", 3, 1, SIZE)
+    loader = DataLoader(_dataset(TSVPairSource(folder)), batch_size=1, num_workers=4,
+                        collate_fn=collate_image_text)
+    with pytest.raises(ValueError, match="1 processes x 4 loader workers"):
+        list(loader)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -181,9 +181,11 @@ class ImageTextDataset(IterableDataset):
                 parts = math.ceil(num_splits / len(source.shards))
                 blocks.append((source, len(source.shards) * parts, parts))
         total = sum(count for _, count, _ in blocks)
-        if total < self.world_size:
+        if total < num_splits:  # a reader without data would break the workers' turn order
             raise ValueError(f"image-text data has {total} items, fewer than the "
-                             f"{self.world_size} processes")
+                             f"{self.world_size} processes x {num_splits // self.world_size} "
+                             "loader workers that each read a share; lower "
+                             "DATALOADER.NUM_WORKERS")
         return blocks
 
     def _split_units(self, blocks, epoch: int, split: int, num_splits: int) -> torch.Tensor:
