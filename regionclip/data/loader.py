@@ -299,4 +299,4 @@ def build_multi_dataset_loader(cfg) -> TrainingLoader:
                 list(settings.ratios), list(settings.batch_sizes))
     return TrainingLoader(records, build_multi_dataset_mapper(cfg, settings), sampler,
                           settings.group_batch_sizes(), batch_groups(records),
-                          cfg.DATALOADER.NUM_WORKERS)
+                          cap_workers(cfg.DATALOADER.NUM_WORKERS))
