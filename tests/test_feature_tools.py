@@ -168,3 +168,14 @@ def test_concept_features_equal_open_clip_template_mean(tmp_path):
     torch.testing.assert_close(torch.load(output),
                                _reference_concept_embeddings(reference, coco_names),
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tool", ["extract_concept_features", "extract_region_features"])
+def test_feature_tools_say_the_training_flags_change_nothing(tool, capsys):
+    """They accept detectron2's training and launch flags, as the original's did, but run in
+    one process and train nothing; their help says so."""
+    with pytest.raises(SystemExit):
+        load_tool(tool).main(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    for flag in ("--resume", "--eval-only", "--num-gpus"):
+        assert any(flag in line and "no effect here" in line for line in lines), flag

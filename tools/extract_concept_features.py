@@ -19,7 +19,7 @@ from regionclip.vocabulary import ClassNameEncoder
 
 
 def main(argv=None) -> str:
-    parser = default_argument_parser(__doc__)
+    parser = default_argument_parser(__doc__, training=False)
     parser.add_argument("--names", default="",
                         help="txt (one name per line) or COCO/LVIS json; default "
                         "INPUT_DIR/concepts.txt")

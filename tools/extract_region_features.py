@@ -82,7 +82,7 @@ def extract(model, batched_input: Dict, with_vocabulary: bool) -> Dict[str, torc
 
 
 def main(argv=None) -> List[str]:
-    args = default_argument_parser(__doc__.splitlines()[0]).parse_args(argv)
+    args = default_argument_parser(__doc__.splitlines()[0], training=False).parse_args(argv)
     cfg = load_config(args.config_file, args.opts)
     logger = setup_logging()
     check_config(cfg)

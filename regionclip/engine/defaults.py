@@ -63,26 +63,35 @@ USER_ERROR_STATUS = 1
 _WORKER_ERROR_DELAY_S = 5.0
 
 
-def default_argument_parser(description: str = "RegionCLIP training and evaluation"):
-    """The flags users of detectron2 and of the original RegionCLIP already type."""
+def default_argument_parser(description: str = "RegionCLIP training and evaluation",
+                            training: bool = True):
+    """The flags users of detectron2 and of the original RegionCLIP already type. A tool that
+    neither trains nor launches processes (``training`` False) accepts the training and launch
+    flags, as the original's did, and says in ``--help`` that they change nothing."""
     parser = argparse.ArgumentParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Trailing KEY VALUE pairs override config keys, e.g. MODEL.WEIGHTS path.pth",
     )
+
+    def explain(text: Optional[str]) -> str:
+        return text if training else "no effect here (one process, nothing trained)"
+
     parser.add_argument("--config-file", default="", metavar="FILE", help="path to config file")
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",
-                       help="resume from the last checkpoint in OUTPUT_DIR")
+                       help=explain("resume from the last checkpoint in OUTPUT_DIR"))
     start.add_argument("--overwrite", action="store_true",
-                       help="start a new training run in an OUTPUT_DIR that holds another "
-                       "one, deleting its checkpoints and metrics")
-    parser.add_argument("--eval-only", action="store_true", help="only run evaluation")
-    parser.add_argument("--num-gpus", type=int, default=1, help="processes per machine")
-    parser.add_argument("--num-machines", type=int, default=1)
-    parser.add_argument("--machine-rank", type=int, default=0, help="rank of this machine")
+                       help=explain("start a new training run in an OUTPUT_DIR that holds "
+                                    "another one, deleting its checkpoints and metrics"))
+    parser.add_argument("--eval-only", action="store_true", help=explain("only run evaluation"))
+    parser.add_argument("--num-gpus", type=int, default=1, help=explain("processes per machine"))
+    parser.add_argument("--num-machines", type=int, default=1, help=explain(None))
+    parser.add_argument("--machine-rank", type=int, default=0,
+                        help=explain("rank of this machine"))
     parser.add_argument("--dist-url", default="auto",
-                        help="initialisation URL for the process group, e.g. tcp://host:port")
+                        help=explain("initialisation URL for the process group, e.g. "
+                                     "tcp://host:port"))
     parser.add_argument("opts", default=[], nargs=argparse.REMAINDER,
                         help="KEY VALUE config overrides")
     return parser
