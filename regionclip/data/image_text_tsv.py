@@ -122,6 +122,8 @@ class TSVFile:
 
 
 def _text_tsv_name(name: str) -> Optional[str]:
+    """The original's rule, kept so that its folders read unchanged: any ``.tsv`` whose name
+    contains an image word is an image TSV ("imagenet_text.tsv" too)."""
     if not name.endswith(".tsv"):
         return None
     for image_part, text_part in TSV_NAME_PAIRS:
