@@ -59,6 +59,10 @@ def test_image_label_json_reads_contiguous_labels_and_captions(data, tmp_path):
         "categories": [{"id": 1, "name": "a"}], "annotations": []})
     with pytest.raises(ValueError, match=r"pos_category_ids \[7\]"):
         get_dataset_dicts(f"image_labels:{bad}:{tmp_path}", check_files=False)
+    no_height = write_json(tmp_path / "no_height.json", {"images": [
+        {"id": 1, "file_name": "x.png", "width": 2}], "categories": [{"id": 1, "name": "a"}]})
+    with pytest.raises(ValueError, match=r"no_height.json lacks the key 'height'"):
+        get_dataset_dicts(f"image_labels:{no_height}:{tmp_path}", check_files=False)
 
 
 def test_detics_dataset_names_resolve_under_the_dataset_root(data, tmp_path, monkeypatch):

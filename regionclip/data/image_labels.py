@@ -24,6 +24,15 @@ def load_image_label_json(json_file: str, image_root: str) -> List[Dict]:
     """One record per image of ``json_file``, in increasing image id order."""
     with open(json_file) as f:
         data = json.load(f)
+    try:
+        return _image_label_records(data, json_file, image_root)
+    except KeyError as missing:
+        raise ValueError(f"{json_file} lacks the key {missing} (an image-label json has "
+                         "'images' with id, file_name, height, width, and 'categories' with id)"
+                         ) from None
+
+
+def _image_label_records(data: Dict, json_file: str, image_root: str) -> List[Dict]:
     categories = sorted(data["categories"], key=lambda cat: cat["id"])
     id_map = {cat["id"]: index for index, cat in enumerate(categories)}
     records = []
