@@ -184,3 +184,19 @@ def test_a_training_stage_cut_short_resumes_and_no_other_command_changes(tmp_pat
         assert load_config(args.config_file, args.opts).SOLVER.CHECKPOINT_PERIOD == 100
     for name in ("zero_shot_gt_student", "chance_zero_shot", "concepts_pool", "world"):
         assert toy_world.resumed(commands[name]) == commands[name]
+
+
+
+def test_a_world_cut_short_is_written_anew(tmp_path):
+    """A world folder without its stage's marker (the run stopped before the marker was
+    written) is replaced, not refused."""
+    from regionclip.toyworld import WorldSizes
+    toy_world = load_tool("toy_world")
+    budget = toy_world.Budget(WorldSizes(2, 1, 1, 2, 2), 2, 1, 1, 1, 1)
+    run, world = tmp_path, tmp_path / "world"
+    world.mkdir()
+    (world / "left_behind.txt").write_text("")
+    command = toy_world.stages(str(run), str(world), budget, 0)["world"]
+    assert toy_world.run_stage("world", command, str(run)) > 0
+    assert (run / ".done" / "world").exists() and (world / "detection" / "test.json").exists()
+    assert not (world / "left_behind.txt").exists()

@@ -144,6 +144,7 @@ def test_summarize_gives_mean_spread_and_claim_counts():
     assert summary["zero_shot"]["gt"]["teacher"] == {"mean": 22.0, "spread": 2.0}
     assert summary["claims"]["student_beats_teacher_gt_by_10"] == {"held": 1, "of": 2}
     assert pick(summary, "mean")["zero_shot"]["gt"]["student"] == 30.0
+    assert "claims" not in pick(summary, "mean") and "claims" not in pick(summary, "spread")
     assert pick(summary["claims"], "held")["student_beats_teacher_rpn"] == 2
     assert "| ground-truth boxes | 22.0 ± 2.0 | 30.0 ± 1.0 |" in markdown_table(summary)
 

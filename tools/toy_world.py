@@ -9,8 +9,9 @@
 Each stage is the command a user runs on real data (``tools/make_toy_world.py``,
 ``tools/train_net.py`` with a config of ``configs/toyworld/``, ``tools/build_concept_nouns.py``,
 ``tools/extract_concept_features.py``, ``tools/visualize_json_results.py``), started as its own
-process; REPORT.md lists them. A stage whose output exists is not run again, and a training
-stage cut short resumes from its last checkpoint (one every 100 iterations), so an interrupted
+process; REPORT.md lists them. A stage that finished (marked in ``seed_<s>/.done/``) is not run
+again (delete its marker to run it again), a training stage cut short resumes from its last
+checkpoint (one every 100 iterations), and a world cut short is written anew, so an interrupted
 run continues where it stopped; ``--overwrite`` starts over. Writes per seed
 ``OUT/seed_<s>/{report.json,REPORT.md,loss_curves.png,drawings/}`` and, over all seeds,
 ``OUT/report.json`` and ``OUT/REPORT.md``. See docs/TOYWORLD.md.
@@ -149,8 +150,9 @@ def stages(run: str, world: str, budget: Budget, seed: int, temperature: float =
     temp = ["MODEL.CLIP.CLSS_TEMP", f"{temperature:.6g}", "MODEL.CLIP.TEACHER_TEMP",
             f"{temperature:.6g}"]
     commands = {
-        "world": [os.path.join(ROOT, "tools", "make_toy_world.py"), "--out", world, "--seed",
-                  str(seed)] + sum(([f"--{k}", str(n)] for k, n in
+        # a world without its stage's marker was cut short: written anew
+        "world": [os.path.join(ROOT, "tools", "make_toy_world.py"), "--out", world, "--overwrite",
+                  "--seed", str(seed)] + sum(([f"--{k}", str(n)] for k, n in
                                     asdict(budget.world).items()), []),
         "teacher": train_net + ["--config-file", f"{CONFIGS}/clip_teacher.yaml",
                                 "DATASETS.PATH_TRAIN", _tuple(f"{world}/web"), "SEED", str(seed),

@@ -160,10 +160,11 @@ def summarize(reports: Sequence[Dict]) -> Dict:
 
 def pick(summary, field: str):
     """The tree of ``summarize`` with each leaf replaced by its ``field`` ("mean", "spread",
-    "held")."""
+    "held"); branches without such leaves (the claims, for "mean") are left out."""
     if isinstance(summary, dict) and field in summary:
         return summary[field]
-    return {k: pick(v, field) for k, v in summary.items() if isinstance(v, dict)}
+    picked = {k: pick(v, field) for k, v in summary.items() if isinstance(v, dict)}
+    return {k: v for k, v in picked.items() if v != {}}
 
 
 def _cell(value) -> str:
