@@ -60,6 +60,8 @@ def test_scale_clamp_limits_growth():
     out = coder.apply_deltas(deltas, box)[0]
     assert out[2] - out[0] == pytest.approx(1000.0, rel=1e-5)  # clamped to 16 * 1000 / 16
     assert out[3] - out[1] == pytest.approx(16 * math.exp(-5.0), rel=1e-4)  # no lower clamp
+    shrunk = coder.apply_deltas(torch.tensor([[0.0, 0.0, -25.0, 100.0]]), box)[0]
+    assert shrunk[2] - shrunk[0] == pytest.approx(16 * math.exp(-5.0), rel=1e-4)  # nor for dw
 
 
 def test_invalid_source_boxes_raise():

@@ -343,7 +343,7 @@ def test_save_checkpoint_roundtrip(tmp_path):
     assert os.listdir(tmp_path / "out") == ["model_final.pth"]
     saved = torch.load(path, weights_only=True)
     assert saved["iteration"] == 12 and torch.equal(saved["model"]["w"], state["w"])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="'model' is reserved"):
         save_checkpoint(path, state, model={})
 
 
@@ -359,7 +359,7 @@ def test_failed_save_leaves_no_partial_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, {"w": torch.ones(2)})
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path / "new.pth", {"w": torch.ones(2)})
     assert sorted(os.listdir(tmp_path)) == ["model_final.pth"]
     assert path.read_bytes() == before

@@ -139,8 +139,10 @@ def test_freeze_at(freeze_at):
         assert not any(p.requires_grad for n in STEM for p in getattr(trunk, n).parameters())
 
 
-@pytest.mark.parametrize("kwargs", [{"freeze_at": 6}, {"freeze_at": -1},
-                                    {"out_features": ("res6",)}, {"out_features": ()}])
-def test_invalid_arguments(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs, message", [
+    ({"freeze_at": 6}, "freeze_at must be in"), ({"freeze_at": -1}, "freeze_at must be in"),
+    ({"out_features": ("res6",)}, "out_features must be a non-empty subset"),
+    ({"out_features": ()}, "out_features must be a non-empty subset")])
+def test_invalid_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         CLIPResNet(get_variant("tiny"), **kwargs)

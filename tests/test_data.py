@@ -143,7 +143,7 @@ def test_resize_sampling_and_flip():
     ranged = ResizeShortestEdge((10, 12), 1000, "range")
     assert {ranged.get_transform(5, 5, rng).new_h for _ in range(60)} == {10, 11, 12}
     assert isinstance(ResizeShortestEdge(0).get_transform(5, 5), NoOpTransform)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="'range' needs two lengths"):
         ResizeShortestEdge((1, 2, 3), sample_style="range")
     image = np.arange(2 * 4 * 3, dtype=np.uint8).reshape(2, 4, 3)
     flipped, transforms = apply_augmentations([RandomHorizontalFlip(1.0)], image, rng)

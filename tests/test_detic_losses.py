@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from regionclip.modeling.detic.predictor import sigmoid_cross_entropy
+from regionclip.modeling.detic.predictor import sigmoid_cross_entropy, softmax_cross_entropy
 from regionclip.modeling.detic.weak_losses import (
     CaptionBatch,
     WeakSupervision,
@@ -39,6 +39,19 @@ def test_sigmoid_ce_masks_classes_without_training_images():
     unmasked = sum(_bce(r[c], float(c == k)) for r, k in zip(logits.tolist(), classes.tolist())
                    for c in range(3)) / 3
     assert sigmoid_cross_entropy(logits, classes).item() == pytest.approx(unmasked)
+
+
+def test_softmax_ce_weighs_foreground_classes_and_keeps_background_at_one():
+    """USE_SIGMOID_CE False: PyTorch's weighted mean, background weight 1 (hand case)."""
+    logits = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    classes = torch.tensor([0, 2])  # a class-0 RoI and a background RoI (C = 2)
+    ce_first = -math.log(math.e / (math.e + 2))
+    weighted = softmax_cross_entropy(logits, classes, torch.tensor([0.5, 3.0], dtype=torch.float64))
+    assert weighted.item() == pytest.approx((0.5 * ce_first + math.log(3)) / 1.5)
+    masked = softmax_cross_entropy(logits, classes, torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert masked.item() == pytest.approx(math.log(3))  # class 0 has no training images
+    assert softmax_cross_entropy(logits, classes).item() == pytest.approx(
+        (ce_first + math.log(3)) / 2)
 
 
 def test_sigmoid_ce_without_rois_is_a_connected_zero():

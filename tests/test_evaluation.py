@@ -4,6 +4,7 @@ import json
 import logging
 import math
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -22,7 +23,7 @@ from regionclip.evaluation import (
     instances_to_coco_json,
     write_json_atomic,
 )
-from regionclip.evaluation.coco import COCO_METRICS
+from regionclip.evaluation.coco import COCO_METRICS, ovd_split_ap50
 from regionclip.evaluation.lvis import LVIS_METRICS, lvis_numpy_compat
 from regionclip.evaluation.results import finite_or_null
 from regionclip.structures import Boxes, Instances
@@ -150,6 +151,19 @@ def test_coco_ovd_split_ap50(coco_set, tmp_path):
         assert metrics[f"AP50_{group}"] == pytest.approx(hand, rel=1e-12)
     assert metrics["AP50_all"] == pytest.approx(metrics["AP50"])
     assert metrics["AP50_novel"] > metrics["AP50_base"]
+
+
+def test_ovd_all_covers_novel_and_base_only():
+    """A class in neither split (COCO's 15 classes outside OV-COCO's 65) is not in "all"."""
+    params = SimpleNamespace(iouThrs=np.array([0.5, 0.75]), areaRngLbl=["all", "small"],
+                             maxDets=[1, 100], catIds=[1, 3, 17, 99])
+    precision = -np.ones((2, 2, 4, 2, 2))  # [iou, recall, class, area, maxdets]
+    precision[0, :, :, 0, 1] = [[0.2, 0.4, 0.8, 0.0], [0.2, -1, 0.6, 0.0]]  # -1: no such recall
+    metrics = ovd_split_ap50(SimpleNamespace(params=params, eval={"precision": precision}),
+                             novel_ids={17}, base_ids={1, 3})
+    assert metrics["AP50_novel"] == pytest.approx(70.0)  # (0.8 + 0.6) / 2
+    assert metrics["AP50_base"] == pytest.approx(80.0 / 3)  # (0.2 + 0.4 + 0.2) / 3
+    assert metrics["AP50_all"] == pytest.approx(44.0)  # the five entries of 1, 3 and 17
 
 
 def test_coco_gathered_predictions_equal_single_process(coco_set):

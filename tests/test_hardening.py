@@ -128,8 +128,8 @@ def test_unknown_category_and_image_ids_and_nan_boxes_are_dropped_with_warnings(
     assert "WARNING] 2 annotations have a category id that is not in 'categories'" in log
     assert "WARNING] 1 annotations have an image id that is not in 'images'" in log
     assert "WARNING] 1 annotations with a NaN or infinite box were dropped" in log
-    for result in read_json(results_file(tmp_path)):
-        assert all(math.isfinite(v) for v in result["bbox"])
+    results = read_json(results_file(tmp_path))
+    assert results and all(math.isfinite(v) for r in results for v in r["bbox"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,11 +29,11 @@ def test_boundaries_are_inclusive_below():
 def test_low_quality_matches():
     # No prediction reaches 0.65; each gt's best predictions (ties included) become positive
     # and keep the gt of their own argmax as match.
-    iou = torch.tensor([[0.1, 0.4, 0.4], [0.2, 0.3, 0.6]])
+    iou = torch.tensor([[0.1, 0.4, 0.4], [0.6, 0.3, 0.2]])
     matcher = Matcher([0.65], [0, 1], allow_low_quality_matches=True)
     matches, labels = matcher(iou)
-    assert labels.tolist() == [0, 1, 1]  # gt 0 has a tie (1 and 2), gt 1 picks 2
-    assert matches.tolist() == [1, 0, 1]  # prediction 1 is matched to gt 0 via its argmax
+    assert labels.tolist() == [1, 1, 1]  # gt 1 picks 0; gt 0 ties on 1 and 2: both positive
+    assert matches.tolist() == [1, 0, 0]  # each keeps the gt of its own argmax
     assert Matcher([0.65], [0, 1])(iou)[1].tolist() == [0, 0, 0]
 
 

@@ -26,6 +26,7 @@ from regionclip.modeling.rpn import (
     DefaultAnchorGenerator,
     OfflineRPNInput,
     cell_anchors,
+    find_top_rpn_proposals,
     offline_proposals,
 )
 from regionclip.ops import FrozenBatchNorm2d
@@ -312,6 +313,21 @@ def _backbone_input(backbone, generator, offline_input, images):
     offline_proposals(backbone, generator, offline_input, images)
     handle.remove()
     return seen[0]
+
+
+def test_proposal_selection_clips_then_drops_small_and_non_finite_boxes():
+    """One image of 20 x 30: boxes are clipped to it first, then those with a side of at most
+    MIN_SIZE (3) and the non-finite ones go; NMS and the top-k keep the rest by logit."""
+    boxes = torch.tensor([[[0.0, 0.0, 2.0, 9.0],      # 2 px wide: dropped
+                           [0.0, 0.0, 10.0, 10.0],
+                           [28.0, 5.0, 40.0, 15.0],   # clipped to 28..30: 2 px wide, dropped
+                           [5.0, 5.0, float("inf"), 9.0],
+                           [10.0, 10.0, 20.0, 19.0]]])
+    logits = torch.tensor([[5.0, 1.0, 4.0, 3.0, 2.0]])
+    [kept] = find_top_rpn_proposals([boxes], [logits], [(20, 30)], nms_thresh=0.7,
+                                    pre_nms_topk=10, post_nms_topk=10, min_box_size=3.0)
+    assert kept.objectness_logits.tolist() == [2.0, 1.0]
+    assert kept.proposal_boxes.tensor.tolist() == [[10.0, 10.0, 20.0, 19.0], [0, 0, 10, 10]]
 
 
 @pytest.mark.parametrize("input_format", ["RGB", "BGR"])

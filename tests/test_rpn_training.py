@@ -78,6 +78,22 @@ def test_rpn_losses_on_a_hand_case_with_one_positive_anchor():
     assert torch.equal(deltas.grad[0, 1], torch.zeros(4))  # the negative has no box loss
 
 
+def test_rpn_losses_index_anchors_within_their_own_image():
+    """Two images: the only positive anchor is anchor 0 of image 1 (an image index and an
+    anchor index must not be confused)."""
+    anchors = Boxes(torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]]))
+    logits = torch.tensor([[-1.0, 0.0], [3.0, 0.0]])
+    labels = torch.tensor([[0, -1], [1, -1]], dtype=torch.int8)
+    deltas = torch.zeros(2, 2, 4)
+    matched = torch.zeros(2, 2, 4)
+    matched[1, 0] = torch.tensor([2.0, 0.0, 12.0, 10.0])  # target deltas (0.2, 0, 0, 0)
+    losses = rpn_losses(anchors, logits, deltas, labels, matched,
+                        Box2BoxTransform(weights=(1.0, 1.0, 1.0, 1.0)), RPNTraining())
+    bce = math.log(1 + math.exp(-1.0)) + math.log(1 + math.exp(-3.0))
+    assert losses["loss_rpn_cls"].item() == pytest.approx(bce / 512)
+    assert losses["loss_rpn_loc"].item() == pytest.approx(0.2 / 512)
+
+
 def test_rpn_loss_weights_and_ignored_anchors():
     anchors = Boxes(torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]]))
     logits = torch.tensor([[0.0, 5.0], [0.0, 0.0]])

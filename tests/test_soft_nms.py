@@ -131,3 +131,14 @@ def test_inputs_untouched_and_bad_method():
         batched_soft_nms(boxes, scores[:3], idxs)
     with pytest.raises(ValueError, match="finite"):
         batched_soft_nms(boxes, torch.full_like(scores, float("nan")), idxs)
+
+
+def test_tied_scores_are_picked_lowest_index_first():
+    """The original's greedy loop takes torch.argmax, the lowest index among ties: within a
+    class (box 0 before its duplicate, box 2, which it then suppresses) and across classes
+    (boxes 0 and 1, both 0.8)."""
+    boxes = torch.tensor([[0.0, 0, 10, 10], [20.0, 20, 30, 30], [0.0, 0, 10, 10]])
+    scores = torch.tensor([0.8, 0.8, 0.8])
+    keep, rescored = batched_soft_nms(boxes, scores, torch.tensor([0, 1, 0]), "hard", 0.5, 0.5,
+                                      0.001)
+    assert keep.tolist() == [0, 1] and rescored.tolist() == pytest.approx([0.8, 0.8])

@@ -117,7 +117,7 @@ def test_concept_embeddings_single_name_stays_2d():
     single = concept_embeddings(encoder, ["cat"])
     assert single.shape == (1, get_variant("tiny").embed_dim)
     torch.testing.assert_close(single, concept_embeddings(encoder, ["dog", "cat"])[1:])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one class name"):
         concept_embeddings(encoder, [])
 
 
@@ -194,5 +194,5 @@ def test_load_embeddings_errors(tmp_path):
     torch.save(torch.zeros(2, 640), wide)
     with pytest.raises(ValueError, match="wide.pth holds 640-dim embeddings, expected 1024"):
         load_embeddings(wide, expected_dim=1024)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"must be \[C, D\], got shape \(3,\)"):
         save_embeddings(torch.zeros(3), str(tmp_path / "bad.pth"))

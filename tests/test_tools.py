@@ -121,6 +121,7 @@ def _gt_boxes_by_image(json_path):
 
 def _assert_boxes_are_gt(results, gt_boxes, atol=1e-3):
     """With ground-truth boxes as regions, every detection box is one of its image's boxes."""
+    assert results, "no detection to check"
     for result in results:
         candidates = np.array(gt_boxes[result["image_id"]], dtype=np.float64)
         error = np.abs(candidates - np.array(result["bbox"])).max(axis=1).min()
