@@ -370,6 +370,11 @@ def test_checks_skip_configs_without_a_clip_trunk():
     cfg = load_config(LVIS_RPN)
     check_clip_settings(cfg)
     assert finalize_clip_settings(cfg).MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION == 7
+    # a CLIP architecture always builds a CLIP trunk: it may not skip the checks
+    with pytest.raises(ConfigError, match="CLIPFastRCNN builds a CLIP trunk but "
+                       "MODEL.BACKBONE.NAME is 'build_resnet_backbone'"):
+        load_config(str(TINY), ["MODEL.BACKBONE.NAME", "build_resnet_backbone",
+                                "MODEL.CLIP.TEXT_EMB_DIM", "999"])
 
 
 def test_finalize_keeps_a_frozen_config_frozen():

@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 BASE_KEY = "_BASE_"
 CLIP_BACKBONE_NAME = "build_clip_resnet_backbone"
+# Architectures whose builders make a CLIP trunk: their configs must name it as the backbone,
+# so that the variant checks below apply (the original's configs all do).
+CLIP_ARCHITECTURES = ("CLIP", "CLIPFastRCNN", "PretrainFastRCNN")
 OVERRIDES_SOURCE = "command-line overrides"
 DUMP_FILE_NAME = "config.yaml"
 # RES2_OUT_CHANNELS default; accepted for every variant because configs copied it everywhere.
@@ -279,6 +282,11 @@ def check_clip_settings(cfg: CfgNode) -> None:
     grid), each only when non-zero, and ``MODEL.RESNETS.RES2_OUT_CHANNELS`` (256 or the
     variant's res2 width).
     """
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch in CLIP_ARCHITECTURES and not uses_clip_backbone(cfg):
+        raise ConfigError(f"MODEL.META_ARCHITECTURE {arch} builds a CLIP trunk but "
+                          f"MODEL.BACKBONE.NAME is {cfg.MODEL.BACKBONE.NAME!r}; set it to "
+                          f"{CLIP_BACKBONE_NAME!r}, as the original's configs do")
     if not uses_clip_backbone(cfg):
         return
     student, teacher = resolve_clip_variant(cfg), resolve_clip_variant(cfg, teacher=True)
