@@ -8,6 +8,7 @@ to the end, and a resumed run writes the ``metrics.json`` of an uninterrupted on
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,10 @@ from _engine_utils import Killed, read_json_lines
 from _tool_utils import run_train_net
 
 from regionclip.checkpoint import read_checkpoint
+from regionclip.engine import output_dir
 from regionclip.engine.output_dir import LOCK_FILE, OutputDirError, OutputDirLock
 from regionclip.engine.trainer import Trainer
+from regionclip.evaluation.results import finite_or_null
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tests" / "tiny.yaml"
@@ -167,7 +170,7 @@ def test_kill_during_the_final_evaluation_then_resume_evaluates(tmp_path, datase
     with open(out / "log.txt") as f:
         assert "Took over the lock of a run that is gone" in f.read()
     with open(out / "inference" / "metrics.json") as f:
-        assert json.dumps(json.load(f)) == json.dumps(results)  # (NaN != NaN)
+        assert json.load(f) == finite_or_null(results)  # NaN metrics written as null
     evaluations = [line for line in read_json_lines(out / "metrics.json")
                    if f"{dataset}/bbox/AP" in line]
     assert [line["iteration"] for line in evaluations] == [1]
@@ -234,3 +237,27 @@ def test_locks_of_other_hosts_and_unreadable_locks_are_never_taken_over(tmp_path
             pass
     assert str(tmp_path / LOCK_FILE) in str(error.value)
     assert (tmp_path / LOCK_FILE).read_text() == lock_text
+
+
+def test_of_two_runs_that_find_the_same_dead_run_one_takes_its_lock(tmp_path, monkeypatch):
+    """Run B judges the lock stale; before B takes it, run A (same dead holder) tries too: the
+    OS lock that B holds while it judges makes A fail, instead of both running."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / LOCK_FILE).write_text(json.dumps(
+        {"pid": dead.pid, "host": socket.gethostname(), "started": "2026-01-01T00:00:00"}))
+    judge, attempts = output_dir._is_stale, []
+
+    def judge_while_another_run_enters(holder, path):
+        if not attempts:
+            attempts.append("A")
+            with pytest.raises(OutputDirError, match="in use"):
+                with OutputDirLock(str(tmp_path)):
+                    pass
+        return judge(holder, path)
+
+    monkeypatch.setattr(output_dir, "_is_stale", judge_while_another_run_enters)
+    with OutputDirLock(str(tmp_path)) as b:
+        assert b.stale_owner["pid"] == dead.pid and attempts == ["A"]
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert not (tmp_path / LOCK_FILE).exists()

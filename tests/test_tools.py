@@ -98,6 +98,8 @@ def tools():
 
 
 def _nan_equal(a, b, tol=1e-6):
+    """Equal within ``tol``, or both NaN (metrics.json writes NaN as null)."""
+    a, b = (math.nan if value is None else value for value in (a, b))
     return (math.isnan(a) and math.isnan(b)) or abs(a - b) <= tol
 
 

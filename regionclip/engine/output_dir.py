@@ -12,8 +12,8 @@ its holder. A training run without ``--resume`` refuses a folder holding another
 checkpoints or metrics unless ``--overwrite`` asks to replace that run. Temporaries that
 ``regionclip.atomic`` leaves when a process is killed mid-write are removed at the start.
 """
-import contextlib
 import datetime
+import fcntl
 import json
 import logging
 import os
@@ -90,31 +90,51 @@ class OutputDirLock:
 
     def __enter__(self) -> "OutputDirLock":
         os.makedirs(self.folder, exist_ok=True)
-        for _ in range(3):  # a stale lock removed here may be re-taken by a third run
-            if self._create():
-                _HELD.add(os.path.abspath(self.path))
-                return self
+        for _ in range(3):  # the lock file may vanish under us as its run ends: try again
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                fcntl.flock(fd, fcntl.LOCK_EX)  # a run that finds it new only peeks, briefly
+            except FileExistsError:
+                fd = self._take_over()
+                if fd is None:
+                    continue
+            os.write(fd, json.dumps(self.record).encode())
+            self._fd = fd
+            _HELD.add(os.path.abspath(self.path))
+            return self
+        raise OutputDirError(self._in_use_message(self._read()))
+
+    def _take_over(self) -> Optional[int]:
+        """The existing lock, held by this run now that its own is gone (the OS lock of a run
+        lasts as long as its process: of several runs that find the same dead run, one gets
+        it); None if the file went away meanwhile. OutputDirError while its run lives."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             holder = self._read()
+            if os.fstat(fd).st_ino != _inode(self.path):  # removed as its run ended
+                os.close(fd)
+                return None
             if not _is_stale(holder, self.path):
                 raise OutputDirError(self._in_use_message(holder))
-            self.stale_owner = holder
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path)
-        raise OutputDirError(self._in_use_message(self._read()))
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputDirError(self._in_use_message(self._read())) from None
+        except OutputDirError:
+            os.close(fd)
+            raise
+        self.stale_owner = holder
+        os.ftruncate(fd, 0)
+        return fd
 
     def __exit__(self, *exc) -> None:
         _HELD.discard(os.path.abspath(self.path))
-        if self._read() == self.record:
+        if _inode(self.path) == os.fstat(self._fd).st_ino:  # not replaced by hand meanwhile
             os.remove(self.path)
-
-    def _create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.record, f)
-        return True
+        os.close(self._fd)
 
     def _read(self) -> Optional[Dict]:
         try:
@@ -130,6 +150,13 @@ class OutputDirLock:
                f"started {holder.get('started')})")
         return (f"{self.folder} is in use by {who}: wait for it to end or choose another "
                 f"OUTPUT_DIR; if no run uses the folder any more, delete {self.path}")
+
+
+def _inode(path: str) -> Optional[int]:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
 
 
 def _is_stale(holder: Optional[Dict], path: str) -> bool:
