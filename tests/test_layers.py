@@ -10,7 +10,7 @@ PACKAGE = REPO / "regionclip"
 # Lowest first; a module may import its own unit and any unit of a lower layer.
 LAYERS = (
     ("ops", "atomic", "distributed", "events", "prompts", "download_pages", "load_report",
-     "progress"),
+     "script_archive", "progress"),
     ("config",),
     ("structures", "checkpoint"),
     ("model_zoo",),

@@ -1,5 +1,7 @@
 """TorchScript archives (OpenAI's CLIP files) are read as data: the same state dict as
 ``torch.jit.load(...).state_dict()``, without running any code of the archive."""
+import zipfile
+
 import pytest
 import torch
 from torch import nn
@@ -74,3 +76,21 @@ def test_archive_with_a_custom_state_is_refused_unrun(tmp_path):
     assert torch.equal(torch.jit.load(path).w, torch.zeros(2))  # what running its code gives
     with pytest.raises(CheckpointError, match="custom.pt: TorchScript class .* custom state"):
         read_checkpoint(path)
+
+
+def test_archive_whose_code_lists_no_buffers_gives_every_tensor_attribute(tmp_path):
+    """Archives of older torch versions may not list ``__buffers__``: no buffer is lost then
+    (plain tensor attributes come too, and are reported as unused when loaded)."""
+    torch.manual_seed(0)
+    path, old = str(tmp_path / "model.pt"), str(tmp_path / "old.pt")
+    torch.jit.script(_Model()).save(path)
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(old, "w") as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename.endswith(".py"):
+                lines = data.decode().splitlines(keepends=True)
+                data = "".join(line for line in lines if "__buffers__" not in line).encode()
+            target.writestr(item, data)
+    state, expected = read_checkpoint(old), read_checkpoint(path)
+    assert set(state) == set(expected) | {"blocks.0.attn_mask", "blocks.1.attn_mask"}
+    assert all(torch.equal(state[name], tensor) for name, tensor in expected.items())
