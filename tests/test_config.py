@@ -225,6 +225,8 @@ def test_override_errors_name_the_key_and_the_command_line():
     ("DATASETS.PROPOSAL_FILES_TEST", "('proposals.pkl',)"),
     ("MODEL.ROI_BOX_HEAD.POOLER_TYPE", "ROIPool"),
     ("MODEL.ROI_BOX_HEAD.USE_FED_LOSS", "True"),
+    ("VIS_PERIOD", "20"),
+    ("MODEL.ANCHOR_GENERATOR.ANGLES", "[[0]]"),
 ])
 def test_features_not_carried_are_refused_not_ignored(key, value):
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)} .*does not carry.*set it to"):

@@ -248,3 +248,13 @@ def test_eval_only_keeps_each_test_datasets_results_and_writes_strict_json(tmp_p
     metrics = json.loads((inference / "metrics.json").read_text(), parse_constant=refuse)
     assert set(metrics) == set(names)
     assert None in metrics[names[0]]["bbox"].values()  # an area range without objects
+
+
+def test_cudnn_benchmark_applies_to_training(tmp_path, monkeypatch):
+    json_path, image_dir = make_coco_dataset(tmp_path / "data", num_images=2, image_size=(48, 64))
+    dataset = f'("coco_json:{json_path}:{image_dir}",)'
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
+    run_train_net(["--config-file", str(REPO / "configs" / "tests" / "tiny.yaml"),
+                   "DATASETS.TRAIN", dataset, "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "1",
+                   "CUDNN_BENCHMARK", "True", "OUTPUT_DIR", str(tmp_path / "out")])
+    assert torch.backends.cudnn.benchmark

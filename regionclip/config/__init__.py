@@ -222,6 +222,8 @@ _NOT_CARRIED = {
     "MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES": "training the mask head on predicted boxes",
     "MODEL.ROI_MASK_HEAD.POOLER_TYPE": "a pooler other than ROIAlignV2",
     "MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO": "a fixed RoIAlign sampling ratio",
+    "MODEL.ANCHOR_GENERATOR.ANGLES": "rotated anchors",
+    "VIS_PERIOD": "drawing proposals during training",
     "MODEL.ROI_BOX_HEAD.USE_FED_LOSS": "Detic's LVIS federated loss",
     "MODEL.ROI_BOX_HEAD.WITH_SOFTMAX_PROP": "Detic's softmax-proposal ablation",
 }

@@ -283,7 +283,7 @@ _C.TEST.PRECISE_BN.NUM_ITER = 200
 _C.OUTPUT_DIR = "./output"
 _C.INPUT_DIR = "./datasets/custom_images"  # input folder of the feature-extraction tools
 _C.SEED = -1  # negative = random seed
-_C.CUDNN_BENCHMARK = False
+_C.CUDNN_BENCHMARK = False  # cuDNN autotuning while training (not bit-reproducible)
 _C.VIS_PERIOD = 0  # iterations between training visualisations; 0 = off
 
 # ---------------------------------------------------------------------------------------------

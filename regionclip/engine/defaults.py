@@ -164,6 +164,8 @@ def setup(args):
             tidy(lock, overwrite=training and args.overwrite)
         seed = seed_everything(cfg.SEED)
         logger.info("Process rank %d, seed %d", get_rank(), seed)
+        if training:  # as detectron2: autotuned convolutions are not bit-reproducible
+            torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
         if is_main_process():
             logger.info("Config written to %s", dump_config(cfg, cfg.OUTPUT_DIR))
         yield cfg
