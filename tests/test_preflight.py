@@ -71,6 +71,15 @@ def test_train_net_names_every_missing_input_at_once(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_offline_rpn_configs_bases_are_checked_too(tmp_path):
+    (tmp_path / "rpn.yaml").write_text("_BASE_: ./Base-RPN.yaml\n")
+    cfg = load_config(TINY, ["MODEL.CLIP.CROP_REGION_TYPE", "RPN",
+                             "MODEL.CLIP.OFFLINE_RPN_CONFIG", str(tmp_path / "rpn.yaml")])
+    missing = [i for i in config_inputs(cfg, training=False) if "_BASE_" in i.purpose]
+    assert [i.path for i in missing] == [str(tmp_path / "Base-RPN.yaml")]
+    assert "MODEL.CLIP.OFFLINE_RPN_CONFIG" in missing[0].purpose
+
+
 def test_inputs_a_run_does_not_read_are_not_required(tmp_path):
     """Ground-truth regions: the offline RPN's files are not read, so they may be absent."""
     json_path, image_dir = make_coco_dataset(tmp_path / "data")

@@ -21,7 +21,7 @@ from .variants import CLIPVariant, get_variant, variant_from_depth
 __all__ = [
     "CLIP_BACKBONE_NAME", "ConfigError", "get_cfg", "merge_config_file", "merge_overrides",
     "load_config", "uses_clip_backbone", "resolve_clip_variant", "check_clip_settings",
-    "finalize_clip_settings", "dump_config",
+    "finalize_clip_settings", "dump_config", "base_files",
 ]
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,19 @@ def _resolve_base(base: Any, path: str) -> str:
     if os.path.isabs(base):
         return base
     return os.path.normpath(os.path.join(os.path.dirname(path), base))
+
+
+def base_files(path: str) -> List[str]:
+    """The ``_BASE_`` files that config ``path`` builds on, nearest first, up to the first
+    that does not exist (included, so that a check can name it); [] if ``path`` is missing."""
+    files: List[str] = []
+    while os.path.isfile(path) and len(files) < 32:  # (a cycle is load_config's error)
+        base = _read_yaml(path).get(BASE_KEY)
+        if base is None:
+            break
+        path = _resolve_base(base, path)
+        files.append(path)
+    return files
 
 
 def _file_chain(path: str, visiting: Tuple[str, ...] = ()) -> List[Tuple[str, Dict[str, Any]]]:

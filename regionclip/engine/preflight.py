@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterable, List
 
+from ..config import base_files
 from ..data.catalog import DATASETS_ENV, dataset_root, get_spec, is_builtin
 from ..download_pages import missing_file_message
 
@@ -78,6 +79,8 @@ def model_inputs(cfg, weights: bool = True) -> List[Input]:
     inputs += [
         Input(clip.OFFLINE_RPN_CONFIG if rpn else "",
               "offline RPN config (MODEL.CLIP.OFFLINE_RPN_CONFIG)"),
+        *[Input(path, "_BASE_ of the offline RPN config (MODEL.CLIP.OFFLINE_RPN_CONFIG)")
+          for path in (base_files(clip.OFFLINE_RPN_CONFIG) if rpn else [])],
         Input(clip.TEXT_EMB_PATH, "class embeddings (MODEL.CLIP.TEXT_EMB_PATH)"),
         Input(clip.OPENSET_TEST_TEXT_EMB_PATH,
               "test class embeddings (MODEL.CLIP.OPENSET_TEST_TEXT_EMB_PATH)"),
