@@ -94,12 +94,13 @@ def _hyper(groups):
 def test_param_groups_no_decay_on_norms_and_bias_factors():
     net = _NormNet()
     hyper = _hyper(optimizer_param_groups(net, 0.1, 1e-4, 0.0, bias_lr_factor=2.0,
-                                          weight_decay_bias=0.0))
+                                          weight_decay_bias=3e-4))
     assert hyper[id(net.conv.weight)] == (0.1, 1e-4)
     assert hyper[id(net.fc.weight)] == (0.1, 1e-4)
-    assert hyper[id(net.conv.bias)] == (0.2, 0.0)
+    assert hyper[id(net.conv.bias)] == (0.2, 3e-4)
     assert hyper[id(net.bn.weight)] == (0.1, 0.0)
-    assert hyper[id(net.bn.bias)] == (0.1, 0.0)  # a norm layer's bias is a norm parameter
+    # detectron2 applies the bias settings after the norm rule: a norm layer's bias too
+    assert hyper[id(net.bn.bias)] == (0.2, 3e-4)
     assert id(net.frozen.weight) not in hyper and id(net.frozen.bias) not in hyper
     assert len(hyper) == 6
 

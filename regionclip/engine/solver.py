@@ -42,7 +42,9 @@ def optimizer_param_groups(model: nn.Module, base_lr: float, weight_decay: float
                            weight_decay_bias: Optional[float] = None) -> List[Dict]:
     """Trainable parameters of ``model`` grouped by (lr, weight_decay), in module order.
 
-    Shared parameters appear once. ``weight_decay_bias`` None means ``weight_decay``.
+    Shared parameters appear once. ``weight_decay_bias`` None means ``weight_decay``. As in
+    detectron2, the bias settings apply to every parameter named ``bias``, a norm layer's too
+    (they are applied after the norm layers' weight decay).
     """
     if weight_decay_bias is None:
         weight_decay_bias = weight_decay
@@ -53,12 +55,9 @@ def optimizer_param_groups(model: nn.Module, base_lr: float, weight_decay: float
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            if isinstance(module, NORM_TYPES):
-                key = (base_lr, weight_decay_norm)
-            elif name == "bias":
+            key = (base_lr, weight_decay_norm if isinstance(module, NORM_TYPES) else weight_decay)
+            if name == "bias":
                 key = (base_lr * bias_lr_factor, weight_decay_bias)
-            else:
-                key = (base_lr, weight_decay)
             groups.setdefault(key, []).append(param)
     return [{"params": params, "lr": lr, "weight_decay": wd}
             for (lr, wd), params in groups.items()]
