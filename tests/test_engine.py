@@ -3,9 +3,11 @@ on a toy model; the solver's parts are in test_solver.py."""
 import json
 import math
 import os
+import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from _data_utils import make_coco_dataset
@@ -13,7 +15,7 @@ from _engine_utils import ToyModel, make_trainer, read_json_lines, record_losses
 from _tool_utils import run_train_net
 
 from regionclip.checkpoint import read_checkpoint
-from regionclip.engine.process_state import release_freed_heap
+from regionclip.engine.process_state import capture_rng_state, release_freed_heap, restore_rng_state
 from regionclip.engine.trainer import last_checkpoint_path
 from regionclip.events import put_scalar
 
@@ -258,3 +260,16 @@ def test_cudnn_benchmark_applies_to_training(tmp_path, monkeypatch):
                    "DATASETS.TRAIN", dataset, "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "1",
                    "CUDNN_BENCHMARK", "True", "OUTPUT_DIR", str(tmp_path / "out")])
     assert torch.backends.cudnn.benchmark
+
+
+def test_rng_state_round_trips_and_resumes_on_fewer_gpus(monkeypatch):
+    state = capture_rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    restore_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+    restored = []  # a checkpoint of two GPUs resumed where one is visible
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    restore_rng_state({**state, "cuda": ["gpu 0", "gpu 1"]})
+    assert restored == ["gpu 0"]
