@@ -176,7 +176,7 @@ def test_mask_rcnn_config_builds_only_the_rpn_with_official_key_names(caplog):
 
 
 def test_other_meta_architectures_are_rejected():
-    cfg = _tiny_cfg("MODEL.META_ARCHITECTURE", "CLIPFastRCNN")
+    cfg = _tiny_cfg("MODEL.META_ARCHITECTURE", "CustomRCNN")
     with pytest.raises(ValueError, match="GeneralizedRCNN"):
         build_proposal_network(cfg)
 
