@@ -159,7 +159,9 @@ _C.MODEL.CLIP.TEACHER_TEMP = 0.01
 _C.MODEL.CLIP.NO_BOX_DELTA = False  # keep proposal boxes at test time (forced by GT regions)
 # Background loss weight. 1.0 = the original's None: all-ones class weights reproduce plain CE.
 _C.MODEL.CLIP.BG_CLS_LOSS_WEIGHT = 1.0
-_C.MODEL.CLIP.FOCAL_SCALED_LOSS = 0.0  # focal gamma on CE; 0.0 = off (the original's None)
+# Focal gamma on the CE; 0.0 = off: the bg-weighted CE of the original's None. (The original
+# with an explicit 0.0 ran its focal branch, a plain mean of bg-weighted CE: not carried.)
+_C.MODEL.CLIP.FOCAL_SCALED_LOSS = 0.0
 _C.MODEL.CLIP.ONLY_SAMPLE_FG_PROPOSALS = False  # train on foreground RoIs only
 _C.MODEL.CLIP.MULTIPLY_RPN_SCORE = False  # test score = sqrt(p * raw RPN logit); RPN regions only
 _C.MODEL.CLIP.VIS = False  # report class probabilities before the RPN-score fusion
