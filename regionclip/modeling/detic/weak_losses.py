@@ -43,7 +43,7 @@ class WeakSupervision:
     softmax: bool = False
     image_loss_weight: float = 0.1
     caption_weight: float = 1.0
-    neg_caption_weight: float = 0.125  # of the negatives, with sync_captions only (as Detic)
+    neg_caption_weight: float = 0.125
     sync_captions: bool = False
     caption_batch_ratio: int = 4
 
@@ -161,8 +161,7 @@ def weak_losses(logits: torch.Tensor, regions: List[Instances], labels: Sequence
                 raise ValueError("the caption loss scores the image box: set "
                                  "MODEL.ROI_BOX_HEAD.ADD_IMAGE_BOX True")
             caption_total = caption_total + settings.caption_weight * caption_loss(
-                caption_scores[-1], captions.offset + index,
-                settings.neg_caption_weight if settings.sync_captions else 1.0)
+                caption_scores[-1], captions.offset + index, settings.neg_caption_weight)
         if ann_type != "caption":
             label_total = label_total + image_label_loss(
                 scores, image_labels, region.proposal_boxes.tensor, settings.image_label_loss,
