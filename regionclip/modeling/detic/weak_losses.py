@@ -43,7 +43,7 @@ class WeakSupervision:
     softmax: bool = False
     image_loss_weight: float = 0.1
     caption_weight: float = 1.0
-    neg_caption_weight: float = 0.125
+    neg_caption_weight: float = 0.125  # with or without sync_captions (Detic: with; DETIC.md)
     sync_captions: bool = False
     caption_batch_ratio: int = 4
 
