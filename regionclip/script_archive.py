@@ -95,34 +95,35 @@ def _declared_tensors(archive: zipfile.ZipFile, root: str) -> Dict[str, Optional
     """Class (``__torch__...`` name) -> its ``__parameters__`` and ``__buffers__``, from the
     archive's code files, whose paths are the classes' module names; None for a class whose
     code lists no ``__buffers__`` (older archives): all its tensor attributes are taken."""
-    declared: Dict[str, Optional[List[str]]] = {}
+    declared: Dict[str, List[str]] = {}
+    without_buffers = set()
     code = f"{root}/code/"
     for name in archive.namelist():
         if not (name.startswith(code) and name.endswith(".py")):
             continue
         module = name[len(code):-3].replace("/", ".")
-        current, names, buffers_listed = None, [], False
-        for line in archive.read(name).decode("utf-8").splitlines() + ["class end"]:
+        for line in archive.read(name).decode("utf-8").splitlines():
             if line.startswith("class "):
-                if current:
-                    declared[current] = names if buffers_listed else None
                 current = module + "." + re.match(r"class ([\w.]+)", line).group(1)
-                names, buffers_listed = [], False
+                declared[current] = []
+                without_buffers.add(current)
             match = re.match(r"\s+__(parameters|buffers)__ = \[(.*)\]", line)
-            if match:
-                names += re.findall(r'"([^"]+)"', match[2])
-                buffers_listed = buffers_listed or match[1] == "buffers"
-    return declared
+            if match and declared:
+                declared[current] += re.findall(r'"([^"]+)"', match[2])
+                if match[1] == "buffers":
+                    without_buffers.discard(current)
+    return {cls: None if cls in without_buffers else names for cls, names in declared.items()}
 
 
-def _collect_tensors(module: _ScriptObject, prefix: str, declared: Dict[str, List[str]],
+def _collect_tensors(module: _ScriptObject, prefix: str,
+                     declared: Dict[str, Optional[List[str]]],
                      state: Dict[str, torch.Tensor], path: str) -> None:
     attributes = getattr(module, "attributes", None)
     if not isinstance(attributes, dict):
-        raise ValueError(f"{path}: TorchScript class {module.qualname} stores a custom "
-                              "state (its own __getstate__), not its attributes; convert it "
-                              "once, in a trusted environment, with "
-                              "torch.save(torch.jit.load(path).state_dict(), ...)")
+        raise ValueError(f"{path}: TorchScript class {module.qualname} stores a custom state "
+                         "(its own __getstate__), not its attributes; convert it once, in a "
+                         "trusted environment, with "
+                         "torch.save(torch.jit.load(path).state_dict(), ...)")
     names = declared.get(module.qualname, ())
     for name in attributes if names is None else names:
         if isinstance(attributes.get(name), torch.Tensor):  # an absent bias is None

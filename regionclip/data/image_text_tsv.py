@@ -78,21 +78,22 @@ def load_lineidx(tsv_path: str, checked_rows: int = 16) -> np.ndarray:
     with open(path) as f:
         offsets = np.asarray(f.read().split(), dtype=np.int64)
     picked = np.unique(np.linspace(0, len(offsets) - 1, min(checked_rows, len(offsets))).round())
-    bad = [int(offsets[int(i)]) for i in picked if not _starts_line(tsv_path, int(offsets[int(i)]))]
+    bad = _not_line_starts(tsv_path, [int(offsets[int(i)]) for i in picked])
     if bad:
         raise ValueError(f"{path} does not belong to {tsv_path} (offset {bad[0]} is not the "
                          "start of a line); delete it to have it regenerated")
     return offsets
 
 
-def _starts_line(tsv_path: str, offset: int) -> bool:
-    if offset >= os.path.getsize(tsv_path):
-        return False
-    if offset == 0:
-        return True
+def _not_line_starts(tsv_path: str, offsets: List[int]) -> List[int]:
+    """The ``offsets`` at which no line of ``tsv_path`` starts."""
+    size, bad = os.path.getsize(tsv_path), []
     with open(tsv_path, "rb") as f:
-        f.seek(offset - 1)
-        return f.read(1) == b"\n"
+        for offset in offsets:
+            f.seek(max(offset - 1, 0))
+            if offset >= size or (offset > 0 and f.read(1) != b"\n"):
+                bad.append(offset)
+    return bad
 
 
 class TSVFile:

@@ -114,18 +114,16 @@ class OutputDirLock:
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            holder = self._read()
-            if os.fstat(fd).st_ino != _inode(self.path):  # removed as its run ended
-                os.close(fd)
-                return None
-            if not _is_stale(holder, self.path):
-                raise OutputDirError(self._in_use_message(holder))
         except BlockingIOError:
             os.close(fd)
             raise OutputDirError(self._in_use_message(self._read())) from None
-        except OutputDirError:
+        holder = self._read()
+        if os.fstat(fd).st_ino != _inode(self.path):  # removed as its run ended
             os.close(fd)
-            raise
+            return None
+        if not _is_stale(holder, self.path):
+            os.close(fd)
+            raise OutputDirError(self._in_use_message(holder))
         self.stale_owner = holder
         os.ftruncate(fd, 0)
         return fd
