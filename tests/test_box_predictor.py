@@ -7,20 +7,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _e2e_utils import TINY_CONFIG
 
-from regionclip.config import load_config
 from regionclip.modeling.box_predictor import (
     InferenceSettings,
-    LossSettings,
     TextEmbeddingPredictor,
     detect_images,
     fusion_can_pass,
     predict_boxes,
     predict_probs,
-    predictor_losses,
 )
-from regionclip.modeling.build import loss_settings
 from regionclip.ops import box_iou, nms  # torchvision's, the independent reference
 from regionclip.structures import Boxes, Instances
 
@@ -393,24 +388,3 @@ def test_proposals_fusion_cannot_lift_over_the_threshold_are_found():
     assert (fused[can_pass] > thresh).any(dim=1).float().mean() > 0.99
     assert can_pass[-1] and not can_pass[-5:-2].any()
     assert fusion_can_pass(torch.tensor([0.0, -1.0]), -0.5).all()  # every score passes
-
-
-def test_box_loss_settings_come_from_the_config_and_weigh_the_loss():
-    cfg = load_config(str(TINY_CONFIG), [
-        "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT", "2.0", "MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA",
-        "0.5", "MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS", "(1.0, 1.0, 1.0, 1.0)"])
-    settings = loss_settings(cfg)
-    assert settings == LossSettings(focal_gamma=cfg.MODEL.CLIP.FOCAL_SCALED_LOSS,
-                                    bg_weight=cfg.MODEL.CLIP.BG_CLS_LOSS_WEIGHT,
-                                    smooth_l1_beta=0.5, box_reg_loss_weight=2.0,
-                                    box_reg_weights=(1.0, 1.0, 1.0, 1.0))
-    # One foreground RoI whose ground truth lies 2 px to the right (dx 0.2), one background.
-    sampled = [Instances((20, 20), proposal_boxes=Boxes(torch.tensor([[0.0, 0, 10, 10]] * 2)),
-                         gt_boxes=Boxes(torch.tensor([[2.0, 0, 12, 10], [0.0, 0, 10, 10]])),
-                         gt_classes=torch.tensor([0, 3]))]
-    losses = predictor_losses(torch.zeros(2, 4), torch.zeros(2, 4), sampled,
-                              LossSettings(smooth_l1_beta=0.5, box_reg_loss_weight=2.0,
-                                           box_reg_weights=(1.0, 1.0, 1.0, 1.0)))
-    # smooth-L1 below beta: 0.5 * 0.2^2 / 0.5 = 0.04, over 2 RoIs, times the weight 2
-    assert losses["loss_box_reg"].item() == pytest.approx(0.04)
-    assert losses["loss_cls"].item() == pytest.approx(math.log(4))  # uniform over 3 + bg

@@ -4,8 +4,12 @@ import math
 
 import pytest
 import torch
+from _e2e_utils import TINY_CONFIG
 
+from regionclip.config import load_config
 from regionclip.events import pop_scalars
+from regionclip.modeling.box_predictor import LossSettings, predictor_losses
+from regionclip.modeling.build import loss_settings
 from regionclip.modeling.losses import (
     box_regression_loss,
     classification_loss,
@@ -16,6 +20,7 @@ from regionclip.modeling.losses import (
     smooth_l1_loss,
     weighted_cross_entropy,
 )
+from regionclip.structures import Boxes, Instances
 
 # Three RoIs scored over 2 classes + background (last column): class 0, background, class 1.
 LOGITS = [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 1.0]]
@@ -181,3 +186,24 @@ def test_classification_stats_by_hand():
                                            "fast_rcnn/false_negative": 1 / 3})
     put_classification_stats(logits[3:], torch.tensor([2]))  # no foreground: accuracy only
     assert pop_scalars() == {"fast_rcnn/cls_accuracy": 0.0}
+
+
+def test_box_loss_settings_come_from_the_config_and_weigh_the_loss():
+    cfg = load_config(str(TINY_CONFIG), [
+        "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT", "2.0", "MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA",
+        "0.5", "MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS", "(1.0, 1.0, 1.0, 1.0)"])
+    settings = loss_settings(cfg)
+    assert settings == LossSettings(focal_gamma=cfg.MODEL.CLIP.FOCAL_SCALED_LOSS,
+                                    bg_weight=cfg.MODEL.CLIP.BG_CLS_LOSS_WEIGHT,
+                                    smooth_l1_beta=0.5, box_reg_loss_weight=2.0,
+                                    box_reg_weights=(1.0, 1.0, 1.0, 1.0))
+    # One foreground RoI whose ground truth lies 2 px to the right (dx 0.2), one background.
+    sampled = [Instances((20, 20), proposal_boxes=Boxes(torch.tensor([[0.0, 0, 10, 10]] * 2)),
+                         gt_boxes=Boxes(torch.tensor([[2.0, 0, 12, 10], [0.0, 0, 10, 10]])),
+                         gt_classes=torch.tensor([0, 3]))]
+    losses = predictor_losses(torch.zeros(2, 4), torch.zeros(2, 4), sampled,
+                              LossSettings(smooth_l1_beta=0.5, box_reg_loss_weight=2.0,
+                                           box_reg_weights=(1.0, 1.0, 1.0, 1.0)))
+    # smooth-L1 below beta: 0.5 * 0.2^2 / 0.5 = 0.04, over 2 RoIs, times the weight 2
+    assert losses["loss_box_reg"].item() == pytest.approx(0.04)
+    assert losses["loss_cls"].item() == pytest.approx(math.log(4))  # uniform over 3 + bg
